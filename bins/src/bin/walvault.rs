@@ -1,0 +1,115 @@
+//! `walvault`: the operator's command.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use walvault::repo::now_ms;
+use walvault_bins::{CommonArgs, EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
+use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalSegmentSize};
+
+/// Keep a PostgreSQL cluster recoverable: WAL archive, catalog and reports.
+#[derive(Parser)]
+#[command(name = "walvault", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bind the repository and cluster name to a PostgreSQL cluster
+    Init {
+        /// Data directory to read the identity from (the server may be running)
+        #[arg(long, value_name = "DIR", required_unless_present = "system_id")]
+        pgdata: Option<PathBuf>,
+        /// System identifier, instead of --pgdata
+        #[arg(long, requires_all = ["pg_version"], conflicts_with = "pgdata")]
+        system_id: Option<u64>,
+        /// PostgreSQL major version, with --system-id
+        #[arg(long)]
+        pg_version: Option<u32>,
+        /// WAL segment size in bytes, with --system-id
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        wal_segment_size: u64,
+    },
+    /// Show what the archive holds (from the catalog)
+    Info {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the catalog
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Recreate the catalog from the repository alone
+    Rebuild,
+}
+
+fn run(cli: Cli) -> walvault::Result<()> {
+    let config = cli.common.load()?;
+    match cli.command {
+        Command::Init { pgdata, system_id, pg_version, wal_segment_size } => {
+            let identity = match (pgdata, system_id) {
+                (Some(dir), _) => walvault::pgdata::identity_from_pgdata(&dir)?,
+                (None, Some(id)) => ClusterIdentity {
+                    system_id: SystemId(id),
+                    pg_version: pg_version
+                        .and_then(PgVersion::new)
+                        .ok_or_else(|| walvault::Error::Setting("--pg-version must be 12 to 18".into()))?,
+                    segment_size: WalSegmentSize::new(wal_segment_size).ok_or_else(|| {
+                        walvault::Error::Setting("--wal-segment-size must be a power of two from 1 MiB to 1 GiB".into())
+                    })?,
+                },
+                (None, None) => return Err(walvault::Error::Setting("give --pgdata or --system-id".into())),
+            };
+            let report = walvault::init::init(&config, &identity)?;
+            for w in &report.warnings {
+                report_warning("walvault", w);
+            }
+            let verb = if report.created { "initialized" } else { "already initialized" };
+            println!(
+                "cluster '{}' in repository '{}' {verb}: system identifier {}, PostgreSQL {}, {} segments",
+                config.cluster, config.repository, identity.system_id, identity.pg_version, identity.segment_size
+            );
+        }
+        Command::Info { json } => {
+            let info = walvault::info::info(&config, now_ms())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).map_err(|e| walvault::Error::Setting(e.to_string()))?
+                );
+            } else {
+                print!("{info}");
+            }
+        }
+        Command::Catalog { command: CatalogCommand::Rebuild } => {
+            let report = walvault::rebuild::rebuild(&config)?;
+            for key in &report.ignored {
+                report_warning("walvault", &format!("ignored '{key}': not a WAL file of this cluster"));
+            }
+            println!("catalog '{}' rebuilt: {} WAL files indexed", config.catalog.display(), report.wal_files);
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli: Cli = parse_args(2);
+    let code = match run(cli) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            report_error("walvault", &e);
+            EXIT_FAIL
+        }
+    };
+    std::process::exit(code)
+}

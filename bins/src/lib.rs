@@ -1,0 +1,76 @@
+//! What the three binaries share: the common flags, loading the
+//! configuration, printing errors, and the one mapping from errors to exit
+//! codes. No logic lives here.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use walvault::config::{Config, Overrides};
+
+/// Exit code for success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code for failure (archive-push, walvault) and for "not in the
+/// archive" (archive-fetch).
+pub const EXIT_FAIL: i32 = 1;
+/// archive-fetch's exit code to stop recovery: PostgreSQL aborts on an exit
+/// status above 125 from `restore_command` instead of treating the file as
+/// missing and ending recovery early.
+pub const EXIT_ABORT_RECOVERY: i32 = 255;
+
+/// Flags every binary accepts; they override the configuration file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CommonArgs {
+    /// Configuration file [default: $WALVAULT_CONFIG, else /etc/walvault/walvault.toml]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// Repository directory (overrides `repository`)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub repository: Option<String>,
+    /// Cluster name within the repository (overrides `cluster`)
+    #[arg(long, value_name = "NAME", global = true)]
+    pub cluster: Option<String>,
+    /// Catalog file (overrides `catalog`)
+    #[arg(long, value_name = "FILE", global = true)]
+    pub catalog: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    /// Loads the configuration with these overrides and `WALVAULT_CONFIG`.
+    pub fn load(&self) -> walvault::Result<Config> {
+        let overrides = Overrides {
+            config: self.config.clone(),
+            repository: self.repository.clone(),
+            cluster: self.cluster.clone(),
+            catalog: self.catalog.clone(),
+        };
+        Config::load(&overrides, std::env::var_os("WALVAULT_CONFIG").map(PathBuf::from))
+    }
+}
+
+/// Prints an error as one line, plus a `HINT:` line when there is advice.
+/// stderr of archive-push and archive-fetch goes to the PostgreSQL log.
+pub fn report_error(program: &str, e: &walvault::Error) {
+    eprintln!("{program}: error: {e}");
+    if let Some(hint) = e.hint() {
+        eprintln!("HINT: {hint}");
+    }
+}
+
+/// Prints a warning line.
+pub fn report_warning(program: &str, w: &str) {
+    eprintln!("{program}: warning: {w}");
+}
+
+/// Parses arguments; on a usage error prints clap's message and exits with
+/// `usage_exit` (archive-fetch must not exit 2, which PostgreSQL would read
+/// as "file missing").
+pub fn parse_args<T: clap::Parser>(usage_exit: i32) -> T {
+    match T::try_parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let code = if e.use_stderr() { usage_exit } else { EXIT_OK };
+            let _ = e.print();
+            std::process::exit(code)
+        }
+    }
+}

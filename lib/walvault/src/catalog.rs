@@ -1,0 +1,472 @@
+//! The catalog: a local SQLite index of what the repository holds.
+//!
+//! The repository is the source of truth; every row here can be rebuilt
+//! from it ([`crate::rebuild`]). The catalog uses WAL journal mode and a busy
+//! timeout so that concurrent archive-push processes and an operator's
+//! command can all write. Schema changes are numbered migrations recorded in
+//! `PRAGMA user_version`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
+
+use crate::error::{Error, Result};
+
+/// Migrations, applied in order; `user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: clusters and WAL files.
+    "CREATE TABLE cluster (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        repository TEXT NOT NULL,
+        system_identifier TEXT NOT NULL,
+        pg_version INTEGER NOT NULL,
+        wal_segment_size INTEGER NOT NULL
+    );
+    CREATE TABLE wal_file (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('segment', 'partial', 'history', 'backup')),
+        timeline INTEGER NOT NULL,
+        segno INTEGER,
+        plain_size INTEGER NOT NULL,
+        stored_size INTEGER NOT NULL,
+        blake3 TEXT NOT NULL,
+        archived_at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX wal_file_by_position ON wal_file (kind, timeline, segno);
+    CREATE INDEX wal_file_by_time ON wal_file (archived_at_ms);",
+];
+
+/// How long a writer waits for another's transaction before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open catalog.
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// One archived WAL file, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRecord {
+    /// The file name.
+    pub name: WalFileName,
+    /// Segment number for segments, `.partial` and `.backup` files.
+    pub segno: Option<u64>,
+    /// Size of the WAL file.
+    pub plain_size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// BLAKE3 of the WAL file, hex.
+    pub blake3: String,
+    /// When the object was stored (its modification time), ms since epoch.
+    pub archived_at_ms: i64,
+}
+
+/// The cluster a catalog indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogCluster {
+    /// Cluster name.
+    pub name: String,
+    /// Repository location.
+    pub repository: String,
+    /// Identity.
+    pub identity: ClusterIdentity,
+}
+
+/// A run of consecutive archived segments on one timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentRun {
+    /// Timeline.
+    pub timeline: u32,
+    /// First segment number.
+    pub first: u64,
+    /// Last segment number.
+    pub last: u64,
+    /// Sum of WAL bytes.
+    pub plain_bytes: u64,
+    /// Sum of stored bytes.
+    pub stored_bytes: u64,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Catalog {
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Catalog { path: self.path.clone(), detail: e.to_string() }
+    }
+
+    /// Opens (creating if needed, with its directory) and migrates the
+    /// catalog at `path`.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens an existing catalog; [`Error::NoCatalog`] if there is none.
+    pub fn open_existing(path: &Path) -> Result<Catalog> {
+        if !path.exists() {
+            return Err(Error::NoCatalog(path.to_path_buf()));
+        }
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, create: bool) -> Result<Catalog> {
+        let fail = |detail: String| Error::Catalog { path: path.to_path_buf(), detail };
+        if create && let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| fail(format!("unable to create '{}': {e}", dir.display())))?;
+        }
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| fail(e.to_string()))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+        let mut cat = Catalog { conn, path: path.to_path_buf() };
+        cat.setup()?;
+        Ok(cat)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        // WAL journal mode lets readers and one writer work at once; losing
+        // the last transactions in a power cut is acceptable (NORMAL) since
+        // the repository, not the catalog, is the truth.
+        let mode: String =
+            self.conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(self.err(format!("cannot use WAL journal mode (got '{mode}')")));
+        }
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;").map_err(|e| self.err(e))?;
+        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let applied = usize::try_from(version).unwrap_or(usize::MAX);
+        if applied == MIGRATIONS.len() {
+            return Ok(());
+        }
+        if applied > MIGRATIONS.len() {
+            return Err(self.err(format!(
+                "schema version {version} is newer than this walvault ({}); upgrade walvault",
+                MIGRATIONS.len()
+            )));
+        }
+        // IMMEDIATE takes the write lock first, so two processes migrating
+        // at once serialize; the second sees the new version and skips.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::Catalog { path: self.path.clone(), detail: e.to_string() })?;
+        let current: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| Error::Catalog { path: self.path.clone(), detail: e.to_string() })?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+            tx.execute_batch(sql)
+                .and_then(|()| tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)))
+                .map_err(|e| Error::Catalog { path: self.path.clone(), detail: format!("migration {}: {e}", i + 1) })?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cluster this catalog indexes, if bound.
+    pub fn cluster(&self) -> Result<Option<CatalogCluster>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT name, repository, system_identifier, pg_version, wal_segment_size FROM cluster WHERE id = 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((name, repository, sysid, version, segsize)) = row else { return Ok(None) };
+        let identity = (|| {
+            Some(ClusterIdentity {
+                system_id: SystemId(sysid.parse().ok()?),
+                pg_version: PgVersion::new(u32::try_from(version).ok()?)?,
+                segment_size: WalSegmentSize::new(to_u64(segsize))?,
+            })
+        })()
+        .ok_or_else(|| self.err("the cluster row is invalid"))?;
+        Ok(Some(CatalogCluster { name, repository, identity }))
+    }
+
+    /// Binds the catalog to a cluster, or checks that it already is bound to
+    /// this one. A catalog never silently mixes two clusters.
+    pub fn bind(&self, c: &CatalogCluster) -> Result<()> {
+        if let Some(existing) = self.cluster()? {
+            if existing == *c {
+                return Ok(());
+            }
+            return Err(self.err(format!(
+                "indexes cluster '{}' (system identifier {}) of repository '{}', not cluster '{}' \
+                 (system identifier {}) of repository '{}'",
+                existing.name,
+                existing.identity.system_id,
+                existing.repository,
+                c.name,
+                c.identity.system_id,
+                c.repository
+            )));
+        }
+        self.set_cluster(c)
+    }
+
+    fn set_cluster(&self, c: &CatalogCluster) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO cluster (id, name, repository, system_identifier, pg_version, wal_segment_size)
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+                params![
+                    c.name,
+                    c.repository,
+                    c.identity.system_id.to_string(),
+                    c.identity.pg_version.major(),
+                    to_i64(c.identity.segment_size.bytes())
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records one archived file (replacing an older record of the name).
+    pub fn record_wal(&self, r: &WalRecord) -> Result<()> {
+        insert_wal(&self.conn, r).map_err(|e| self.err(e))
+    }
+
+    /// Replaces the whole index with `records`, atomically: readers see the
+    /// old or the new state. Rows of files archived at or after
+    /// `listed_since_ms` are kept even if absent from `records`, so that a
+    /// push that lands while a rebuild runs is not forgotten.
+    pub fn replace_all(&mut self, c: &CatalogCluster, records: &[WalRecord], listed_since_ms: i64) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        tx.execute("DELETE FROM cluster", []).map_err(fail)?;
+        tx.execute(
+            "INSERT INTO cluster (id, name, repository, system_identifier, pg_version, wal_segment_size)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            params![
+                c.name,
+                c.repository,
+                c.identity.system_id.to_string(),
+                c.identity.pg_version.major(),
+                to_i64(c.identity.segment_size.bytes())
+            ],
+        )
+        .map_err(fail)?;
+        tx.execute("CREATE TEMP TABLE listed (name TEXT PRIMARY KEY) WITHOUT ROWID", []).map_err(fail)?;
+        {
+            let mut listed = tx.prepare("INSERT INTO temp.listed (name) VALUES (?1)").map_err(fail)?;
+            for r in records {
+                insert_wal(&tx, r).map_err(fail)?;
+                listed.execute([r.name.to_string()]).map_err(fail)?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM wal_file WHERE archived_at_ms < ?1 AND name NOT IN (SELECT name FROM temp.listed)",
+            [listed_since_ms],
+        )
+        .map_err(fail)?;
+        tx.execute("DROP TABLE temp.listed", []).map_err(fail)?;
+        tx.commit().map_err(fail)
+    }
+
+    /// Runs of consecutive segments, per timeline, in order. Gaps are what
+    /// lies between two runs of the same timeline.
+    pub fn segment_runs(&self) -> Result<Vec<SegmentRun>> {
+        // The classic "islands" query: within a timeline, segno minus its
+        // rank is constant along a run of consecutive segments.
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT timeline, MIN(segno), MAX(segno), SUM(plain_size), SUM(stored_size) FROM (
+                    SELECT timeline, segno, plain_size, stored_size,
+                           segno - ROW_NUMBER() OVER (PARTITION BY timeline ORDER BY segno) AS island
+                    FROM wal_file WHERE kind = 'segment')
+                 GROUP BY timeline, island ORDER BY timeline, MIN(segno)",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(SegmentRun {
+                    timeline: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    first: to_u64(r.get(1)?),
+                    last: to_u64(r.get(2)?),
+                    plain_bytes: to_u64(r.get(3)?),
+                    stored_bytes: to_u64(r.get(4)?),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Names of archived files of one kind (`history`, `partial`, `backup`),
+    /// in name order.
+    pub fn names_of_kind(&self, kind: &str) -> Result<Vec<String>> {
+        let mut stmt =
+            self.conn.prepare("SELECT name FROM wal_file WHERE kind = ?1 ORDER BY name").map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([kind], |r| r.get::<_, String>(0)).map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// The most recently archived file and when.
+    pub fn newest(&self) -> Result<Option<(String, i64)>> {
+        self.conn
+            .query_row(
+                "SELECT name, archived_at_ms FROM wal_file ORDER BY archived_at_ms DESC, name DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every record, in name order (for tests and comparisons).
+    pub fn all_wal(&self) -> Result<Vec<WalRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, segno, plain_size, stored_size, blake3, archived_at_ms FROM wal_file ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, segno, plain, stored, blake3, at) = row.map_err(|e| self.err(e))?;
+            let name: WalFileName = name.parse().map_err(|e| self.err(e))?;
+            out.push(WalRecord {
+                name,
+                segno: segno.map(to_u64),
+                plain_size: to_u64(plain),
+                stored_size: to_u64(stored),
+                blake3,
+                archived_at_ms: at,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn insert_wal(conn: &Connection, r: &WalRecord) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO wal_file (name, kind, timeline, segno, plain_size, stored_size, blake3, archived_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    stmt.execute(params![
+        r.name.to_string(),
+        r.name.kind(),
+        r.name.timeline().get(),
+        r.segno.map(to_i64),
+        to_i64(r.plain_size),
+        to_i64(r.stored_size),
+        r.blake3,
+        r.archived_at_ms
+    ])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use walvault_formats::wal::{SegmentName, SegmentNo, TimelineId};
+
+    fn cluster() -> CatalogCluster {
+        CatalogCluster {
+            name: "main".into(),
+            repository: "/r".into(),
+            identity: ClusterIdentity {
+                system_id: SystemId(u64::MAX - 1),
+                pg_version: PgVersion::new(15).unwrap(),
+                segment_size: WalSegmentSize::DEFAULT,
+            },
+        }
+    }
+
+    fn seg(tli: u32, segno: u64, at: i64) -> WalRecord {
+        let name = SegmentName::from_segno(TimelineId::new(tli).unwrap(), SegmentNo(segno), WalSegmentSize::DEFAULT);
+        WalRecord {
+            name: WalFileName::Segment(name),
+            segno: Some(segno),
+            plain_size: 16 << 20,
+            stored_size: 1000,
+            blake3: "00".repeat(32),
+            archived_at_ms: at,
+        }
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walvault-cat-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d.join("sub").join("catalog.db")
+    }
+
+    #[test]
+    fn runs_gaps_and_binding() {
+        let path = temp("runs");
+        let cat = Catalog::open(&path).unwrap();
+        cat.bind(&cluster()).unwrap();
+        assert_eq!(cat.cluster().unwrap().unwrap(), cluster());
+        let mut other = cluster();
+        other.identity.system_id = SystemId(1);
+        assert!(cat.bind(&other).is_err());
+        for s in [1, 2, 3, 6, 7, 10] {
+            cat.record_wal(&seg(1, s, s as i64)).unwrap();
+        }
+        cat.record_wal(&seg(2, 7, 100)).unwrap();
+        let runs: Vec<(u32, u64, u64)> =
+            cat.segment_runs().unwrap().iter().map(|r| (r.timeline, r.first, r.last)).collect();
+        assert_eq!(runs, vec![(1, 1, 3), (1, 6, 7), (1, 10, 10), (2, 7, 7)]);
+        assert_eq!(cat.newest().unwrap().unwrap().1, 100);
+        drop(cat);
+        let reopened = Catalog::open_existing(&path).unwrap();
+        assert_eq!(reopened.all_wal().unwrap().len(), 7);
+        std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn replace_all_keeps_concurrent_pushes() {
+        let path = temp("replace");
+        let mut cat = Catalog::open(&path).unwrap();
+        cat.record_wal(&seg(1, 1, 10)).unwrap();
+        cat.record_wal(&seg(1, 2, 20)).unwrap(); // gone from the repository
+        cat.record_wal(&seg(1, 3, 500)).unwrap(); // pushed during the listing
+        cat.replace_all(&cluster(), &[seg(1, 1, 10)], 400).unwrap();
+        let names: Vec<u64> = cat.all_wal().unwrap().iter().filter_map(|r| r.segno).collect();
+        assert_eq!(names, vec![1, 3]);
+        std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn missing_catalog_is_reported() {
+        let path = temp("missing");
+        assert!(matches!(Catalog::open_existing(&path), Err(Error::NoCatalog(_))));
+    }
+}

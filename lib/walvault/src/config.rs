@@ -1,0 +1,213 @@
+//! Configuration: a TOML file overridden by command-line flags.
+//!
+//! The file is found by `--config`, else the `WALVAULT_CONFIG` environment
+//! variable, else `/etc/walvault/walvault.toml` (skipped if absent). The
+//! caller passes the environment value in; nothing here reads process-global
+//! state.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The file read when neither `--config` nor `WALVAULT_CONFIG` names one.
+pub const DEFAULT_CONFIG: &str = "/etc/walvault/walvault.toml";
+
+/// What archive-fetch answers when a file exists but cannot be read or
+/// verified, or the repository cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FetchOnError {
+    /// Abort recovery unless the data directory has `standby.signal`.
+    Auto,
+    /// Always abort recovery (exit code above 125).
+    Abort,
+    /// Answer "not available" (exit 1) with an error in the log: PostgreSQL
+    /// tries again later. Safe for standbys only.
+    Retry,
+}
+
+/// The file's shape; every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    cluster: Option<String>,
+    repository: Option<String>,
+    catalog: Option<PathBuf>,
+    compress_level: Option<i32>,
+    compress_workers: Option<u32>,
+    fetch_on_error: Option<FetchOnError>,
+}
+
+/// Values given on the command line; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--repository`.
+    pub repository: Option<String>,
+    /// `--cluster`.
+    pub cluster: Option<String>,
+    /// `--catalog`.
+    pub catalog: Option<PathBuf>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub file: Option<PathBuf>,
+    /// Cluster name within the repository.
+    pub cluster: String,
+    /// Repository location (a directory).
+    pub repository: String,
+    /// SQLite catalog file.
+    pub catalog: PathBuf,
+    /// zstd level for WAL.
+    pub compress_level: i32,
+    /// zstd worker threads; 0 = decide from the machine.
+    pub compress_workers: u32,
+    /// archive-fetch's answer to errors.
+    pub fetch_on_error: FetchOnError,
+}
+
+/// Checks a cluster name: 1–63 ASCII letters, digits, `_`, `-`, `.`,
+/// starting with a letter or digit.
+pub fn validate_cluster_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Setting(format!(
+            "cluster name '{}' must be 1-63 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            name.escape_default()
+        )))
+    }
+}
+
+/// One-line description of a TOML error: message plus line and column.
+fn toml_detail(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config { file: path.to_path_buf(), detail: format!("unable to read: {e}") })?;
+    toml::from_str(&text).map_err(|e| Error::Config { file: path.to_path_buf(), detail: toml_detail(&text, &e) })
+}
+
+impl Config {
+    /// Loads the file (see the module docs for which one) and applies the
+    /// overrides. `env_config` is the value of `WALVAULT_CONFIG`.
+    pub fn load(overrides: &Overrides, env_config: Option<PathBuf>) -> Result<Config> {
+        let explicit = overrides.config.clone().or(env_config.filter(|p| !p.as_os_str().is_empty()));
+        let (file, parsed) = match explicit {
+            Some(path) => {
+                let parsed = read_file(&path)?;
+                (Some(path), parsed)
+            }
+            None if Path::new(DEFAULT_CONFIG).exists() => {
+                (Some(PathBuf::from(DEFAULT_CONFIG)), read_file(Path::new(DEFAULT_CONFIG))?)
+            }
+            None => (None, FileConfig::default()),
+        };
+        let in_file = |key: &str| match &file {
+            Some(f) => format!("key '{key}' in '{}'", f.display()),
+            None => format!("--{key}"),
+        };
+        let cluster = overrides.cluster.clone().or(parsed.cluster).unwrap_or_else(|| "main".to_string());
+        validate_cluster_name(&cluster)?;
+        let repository = overrides.repository.clone().or(parsed.repository).ok_or_else(|| {
+            Error::Setting(match &file {
+                Some(f) => format!("no repository: set 'repository' in '{}' or pass --repository", f.display()),
+                None => format!(
+                    "no repository: no configuration file ('{DEFAULT_CONFIG}' does not exist, WALVAULT_CONFIG \
+                     is not set) and no --repository"
+                ),
+            })
+        })?;
+        if repository.is_empty() {
+            return Err(Error::Setting(format!("{} is empty", in_file("repository"))));
+        }
+        let catalog = overrides
+            .catalog
+            .clone()
+            .or(parsed.catalog)
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/walvault/{cluster}/catalog.db")));
+        let compress_level = parsed.compress_level.unwrap_or(3);
+        if !(1..=19).contains(&compress_level) {
+            return Err(Error::Setting(format!("{} is {compress_level}, expected 1 to 19", in_file("compress-level"))));
+        }
+        let compress_workers = parsed.compress_workers.unwrap_or(0);
+        if compress_workers > 64 {
+            return Err(Error::Setting(format!(
+                "{} is {compress_workers}, expected 0 to 64",
+                in_file("compress-workers")
+            )));
+        }
+        Ok(Config {
+            file,
+            cluster,
+            repository,
+            catalog,
+            compress_level,
+            compress_workers,
+            fetch_on_error: parsed.fetch_on_error.unwrap_or(FetchOnError::Auto),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("walvault-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_and_overrides() {
+        let p = write("ok", "cluster = \"db1\"\nrepository = \"/r\"\ncompress-level = 5\nfetch-on-error = \"retry\"\n");
+        let c = Config::load(&Overrides::default(), Some(p.clone())).unwrap();
+        assert_eq!((c.cluster.as_str(), c.repository.as_str(), c.compress_level), ("db1", "/r", 5));
+        assert_eq!(c.catalog, PathBuf::from("/var/lib/walvault/db1/catalog.db"));
+        assert_eq!(c.fetch_on_error, FetchOnError::Retry);
+        let o = Overrides { repository: Some("/other".into()), config: Some(p.clone()), ..Default::default() };
+        assert_eq!(Config::load(&o, None).unwrap().repository, "/other");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let p = write("bad", "repository = \"/r\"\ncompres-level = 3\n");
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()) && e.contains("compres-level") && e.contains("line 2"), "{e}");
+        std::fs::write(&p, "repository = [\n").unwrap();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(e.contains("invalid configuration file") && !e.contains('\n'), "{e}");
+        std::fs::write(&p, "repository = \"/r\"\ncompress-level = 40\n").unwrap();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(e.contains("compress-level") && e.contains("40"), "{e}");
+        std::fs::write(&p, "repository = \"/r\"\ncluster = \"../x\"\n").unwrap();
+        assert!(Config::load(&Overrides::default(), Some(p.clone())).is_err());
+        std::fs::remove_file(&p).unwrap();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(e.contains("unable to read"), "{e}");
+    }
+}

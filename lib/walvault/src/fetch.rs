@@ -1,0 +1,108 @@
+//! archive-fetch: one WAL file from the repository to PostgreSQL.
+//!
+//! One GET finds and verifies the file; it reaches `%p` only complete and
+//! verified (written under a temporary name, then renamed). "Not in the
+//! archive" is a normal answer; anything else is an error, which the binary
+//! turns into an exit code that stops recovery instead of ending it early.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use walvault_formats::object;
+use walvault_formats::wal::WalFileName;
+
+use crate::config::{Config, FetchOnError};
+use crate::error::{Error, Result};
+use crate::repo::Repository;
+use crate::storage::StorageError;
+
+/// The answer to PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// The file is at `%p`, verified.
+    Restored,
+    /// The archive does not have it (and the repository is there).
+    Missing,
+}
+
+/// What the binary should tell PostgreSQL after an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAnswer {
+    /// Stop recovery: PostgreSQL aborts on an exit code above 125.
+    Abort,
+    /// Say "not available"; PostgreSQL (a standby) asks again later.
+    Retry,
+}
+
+/// Decides how to answer an error. In `auto` mode, a data directory with
+/// `standby.signal` (PostgreSQL runs `restore_command` in the data
+/// directory, so `cwd` is it) is a standby: it never ends recovery because a
+/// file is unavailable, it retries, so "retry" keeps it alive through a
+/// repository outage. Anything else (archive recovery, PITR) must abort: a
+/// "missing" answer would end recovery early and promote, silently losing
+/// the rest of the history.
+pub fn error_answer(mode: FetchOnError, cwd: Option<&Path>) -> ErrorAnswer {
+    match mode {
+        FetchOnError::Abort => ErrorAnswer::Abort,
+        FetchOnError::Retry => ErrorAnswer::Retry,
+        FetchOnError::Auto => {
+            if cwd.is_some_and(|d| d.join("standby.signal").exists()) {
+                ErrorAnswer::Retry
+            } else {
+                ErrorAnswer::Abort
+            }
+        }
+    }
+}
+
+fn temp_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".walvault-tmp");
+    dest.with_file_name(name)
+}
+
+/// Fetches WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`).
+///
+/// # Errors
+/// An invalid name, an unusable repository, an object that cannot be read
+/// or fails verification (`dest` is then not created), or a failure to
+/// write `dest`.
+pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
+    let name: WalFileName = name.parse()?;
+    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let key = repo.wal_key(&name);
+    let stored = match repo.storage().get(&key) {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound { .. }) => {
+            // Only a repository that is really there may answer "missing":
+            // an unmounted file system or a typo in the path must not end
+            // recovery early.
+            repo.cluster_info()?;
+            return Ok(FetchOutcome::Missing);
+        }
+        Err(source) => {
+            return Err(Error::Storage { op: "read", name: name.to_string(), repo: repo.location(), source });
+        }
+    };
+    let (_, plain) = object::decode(&stored).map_err(|source| Error::Corrupt {
+        name: name.to_string(),
+        repo: repo.location(),
+        source,
+    })?;
+    drop(stored);
+
+    let tmp = temp_path(dest);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&plain)?;
+        // No fsync: PostgreSQL reads the file at once, and after a crash it
+        // asks for it again. The rename only makes it appear whole.
+        drop(f);
+        std::fs::rename(&tmp, dest)
+    })();
+    written.map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Write { path: dest.to_path_buf(), source }
+    })?;
+    Ok(FetchOutcome::Restored)
+}

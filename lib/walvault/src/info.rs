@@ -1,0 +1,248 @@
+//! `walvault info`: what the archive holds, from the catalog.
+
+use serde::Serialize;
+use walvault_formats::wal::{SegmentName, SegmentNo, TimelineId};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// The whole report; serialized as-is for `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Info {
+    /// The cluster.
+    pub cluster: ClusterReport,
+    /// Repository location.
+    pub repository: String,
+    /// Catalog file.
+    pub catalog: String,
+    /// Per timeline, what is archived.
+    pub timelines: Vec<TimelineReport>,
+    /// Timeline history files.
+    pub history_files: Vec<String>,
+    /// `.partial` files.
+    pub partial_files: Vec<String>,
+    /// Backup history files.
+    pub backup_history_files: Vec<String>,
+    /// The most recently archived file.
+    pub newest: Option<Newest>,
+}
+
+/// Identity of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterReport {
+    /// Cluster name.
+    pub name: String,
+    /// System identifier, as a string (exceeds JSON's safe integers).
+    pub system_identifier: String,
+    /// Major version.
+    pub pg_version: u32,
+    /// Segment size in bytes.
+    pub wal_segment_size: u64,
+}
+
+/// One timeline's archived WAL.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimelineReport {
+    /// The timeline.
+    pub timeline: u32,
+    /// First archived segment.
+    pub first: String,
+    /// Last archived segment.
+    pub last: String,
+    /// Number of archived segments.
+    pub segments: u64,
+    /// WAL bytes archived.
+    pub wal_bytes: u64,
+    /// Bytes stored for them.
+    pub stored_bytes: u64,
+    /// Missing ranges between `first` and `last`.
+    pub gaps: Vec<Gap>,
+}
+
+/// A range of missing segments.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Gap {
+    /// First missing segment.
+    pub first: String,
+    /// Last missing segment.
+    pub last: String,
+    /// How many are missing.
+    pub missing: u64,
+}
+
+/// The newest archived file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Newest {
+    /// File name.
+    pub name: String,
+    /// When, as `YYYY-MM-DD HH:MM:SS UTC`.
+    pub archived_at: String,
+    /// Seconds since then.
+    pub age_seconds: i64,
+}
+
+/// Formats ms since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Builds the report from the catalog. `now_ms` is passed in so that the
+/// report is a pure function of the catalog and the clock reading.
+pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
+    let catalog = Catalog::open_existing(&config.catalog)?;
+    let cluster = catalog
+        .cluster()?
+        .ok_or_else(|| Error::Catalog { path: config.catalog.clone(), detail: "indexes no cluster yet".into() })?;
+    let size = cluster.identity.segment_size;
+    let seg_name = |tli: u32, segno: u64| {
+        TimelineId::new(tli)
+            .map_or_else(String::new, |t| SegmentName::from_segno(t, SegmentNo(segno), size).to_string())
+    };
+    let mut timelines: Vec<TimelineReport> = Vec::new();
+    for run in catalog.segment_runs()? {
+        let count = run.last - run.first + 1;
+        match timelines.last_mut() {
+            Some(t) if t.timeline == run.timeline => {
+                let prev_last = t.last.clone();
+                let gap_first = prev_last_segno(&prev_last, size) + 1;
+                t.gaps.push(Gap {
+                    first: seg_name(run.timeline, gap_first),
+                    last: seg_name(run.timeline, run.first - 1),
+                    missing: run.first - gap_first,
+                });
+                t.last = seg_name(run.timeline, run.last);
+                t.segments += count;
+                t.wal_bytes += run.plain_bytes;
+                t.stored_bytes += run.stored_bytes;
+            }
+            _ => timelines.push(TimelineReport {
+                timeline: run.timeline,
+                first: seg_name(run.timeline, run.first),
+                last: seg_name(run.timeline, run.last),
+                segments: count,
+                wal_bytes: run.plain_bytes,
+                stored_bytes: run.stored_bytes,
+                gaps: Vec::new(),
+            }),
+        }
+    }
+    let newest = catalog.newest()?.map(|(name, at)| Newest {
+        name,
+        archived_at: format_utc(at),
+        age_seconds: (now_ms - at).max(0) / 1000,
+    });
+    Ok(Info {
+        cluster: ClusterReport {
+            name: cluster.name,
+            system_identifier: cluster.identity.system_id.to_string(),
+            pg_version: cluster.identity.pg_version.major(),
+            wal_segment_size: size.bytes(),
+        },
+        repository: cluster.repository,
+        catalog: config.catalog.display().to_string(),
+        timelines,
+        history_files: catalog.names_of_kind("history")?,
+        partial_files: catalog.names_of_kind("partial")?,
+        backup_history_files: catalog.names_of_kind("backup")?,
+        newest,
+    })
+}
+
+fn prev_last_segno(name: &str, size: walvault_formats::wal::WalSegmentSize) -> u64 {
+    name.parse::<walvault_formats::wal::WalFileName>()
+        .ok()
+        .and_then(|n| n.segment())
+        .and_then(|s| s.segno(size))
+        .map_or(0, |s| s.0)
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[i]) }
+}
+
+fn human_age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
+impl std::fmt::Display for Info {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.cluster;
+        writeln!(
+            f,
+            "cluster '{}': system identifier {}, PostgreSQL {}, {} MiB segments",
+            c.name,
+            c.system_identifier,
+            c.pg_version,
+            c.wal_segment_size >> 20
+        )?;
+        writeln!(f, "repository: {}", self.repository)?;
+        if self.timelines.is_empty() {
+            writeln!(f, "no WAL segments archived yet")?;
+        }
+        for t in &self.timelines {
+            writeln!(
+                f,
+                "timeline {}: {} .. {}  {} segments, {} WAL, {} stored",
+                t.timeline,
+                t.first,
+                t.last,
+                t.segments,
+                human_bytes(t.wal_bytes),
+                human_bytes(t.stored_bytes)
+            )?;
+            for g in &t.gaps {
+                writeln!(f, "  gap: {} .. {}  ({} missing)", g.first, g.last, g.missing)?;
+            }
+        }
+        if !self.history_files.is_empty() {
+            writeln!(f, "history files: {}", self.history_files.join(", "))?;
+        }
+        if !self.partial_files.is_empty() {
+            writeln!(f, "partial files: {}", self.partial_files.join(", "))?;
+        }
+        if !self.backup_history_files.is_empty() {
+            writeln!(f, "backup history files: {}", self.backup_history_files.len())?;
+        }
+        match &self.newest {
+            Some(n) => writeln!(f, "newest: {}, archived {} ({})", n.name, n.archived_at, human_age(n.age_seconds)),
+            None => writeln!(f, "newest: nothing archived"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(1_795_264_200_000), "2026-11-21 10:30:00 UTC");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    }
+}

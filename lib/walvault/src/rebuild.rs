@@ -1,0 +1,69 @@
+//! `walvault catalog rebuild`: the catalog recreated from the repository
+//! alone. Reads one listing and the header of every WAL object (a ranged
+//! read: no payload), so it costs little even for a large archive.
+
+use walvault_formats::object::{self, HEADER_LEN};
+use walvault_formats::wal::WalFileName;
+
+use crate::catalog::{Catalog, CatalogCluster, WalRecord};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::repo::{Repository, now_ms};
+
+/// What a rebuild found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// WAL files indexed.
+    pub wal_files: usize,
+    /// Objects under the WAL prefix that are not WAL files (ignored).
+    pub ignored: Vec<String>,
+}
+
+/// Rebuilds the catalog at `config.catalog` from the repository.
+pub fn rebuild(config: &Config) -> Result<RebuildReport> {
+    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let cluster = repo.cluster_info()?;
+    let started = now_ms();
+    let listing = repo.storage().list(&repo.wal_prefix()).map_err(|source| Error::Storage {
+        op: "list",
+        name: repo.wal_prefix(),
+        repo: repo.location(),
+        source,
+    })?;
+    let mut records = Vec::with_capacity(listing.len());
+    let mut ignored = Vec::new();
+    for meta in listing {
+        let file = meta.key.rsplit('/').next().unwrap_or_default();
+        let Ok(name) = file.parse::<WalFileName>() else {
+            ignored.push(meta.key);
+            continue;
+        };
+        if repo.wal_key(&name) != meta.key {
+            ignored.push(meta.key);
+            continue;
+        }
+        let head = repo.storage().get_range(&meta.key, 0, HEADER_LEN as u64).map_err(|source| Error::Storage {
+            op: "read",
+            name: name.to_string(),
+            repo: repo.location(),
+            source,
+        })?;
+        let header = object::parse_header(&head).map_err(|source| Error::Corrupt {
+            name: name.to_string(),
+            repo: repo.location(),
+            source,
+        })?;
+        records.push(WalRecord {
+            name,
+            segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
+            plain_size: header.plain_len,
+            stored_size: meta.size,
+            blake3: header.hash.to_string(),
+            archived_at_ms: meta.modified_ms,
+        });
+    }
+    let mut catalog = Catalog::open(&config.catalog)?;
+    let bound = CatalogCluster { name: cluster.name, repository: repo.location(), identity: cluster.identity };
+    catalog.replace_all(&bound, &records, started)?;
+    Ok(RebuildReport { wal_files: records.len(), ignored })
+}

@@ -1,0 +1,282 @@
+//! The repository: where things live, which cluster they belong to, and the
+//! create-once rules on top of [`Storage`].
+//!
+//! ```text
+//! <root>/walvault.repository                     marker: {"format": 1}
+//! <root>/<cluster>/cluster                       identity of the PostgreSQL cluster
+//! <root>/<cluster>/wal/<TTTTTTTTLLLLLLLL>/<name> segments, .partial, .backup files
+//! <root>/<cluster>/wal/history/<TTTTTTTT>.history
+//! ```
+//!
+//! Every object is an envelope ([`walvault_formats::object`]). A WAL file's
+//! key is computed from its name alone, so one GET finds it: no listing is
+//! ever needed on the per-segment path.
+
+use serde::{Deserialize, Serialize};
+use walvault_formats::object::{self, Compression, EncodeOptions};
+use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
+
+use crate::config::validate_cluster_name;
+use crate::error::{Error, Result};
+use crate::storage::fs::FsStorage;
+use crate::storage::{PutOutcome, Storage, StorageError};
+
+/// Key of the marker object that makes a directory a repository.
+pub const MARKER_KEY: &str = "walvault.repository";
+/// Repository layout version written into the marker.
+pub const REPOSITORY_FORMAT: u32 = 1;
+
+/// A cluster name within a repository, bound to one PostgreSQL cluster.
+pub struct Repository {
+    storage: Box<dyn Storage>,
+    cluster: String,
+}
+
+/// The stored identity of a cluster (`<cluster>/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// The cluster name.
+    pub name: String,
+    /// System identifier, major version and segment size.
+    pub identity: ClusterIdentity,
+    /// When `walvault init` bound it, ms since the epoch.
+    pub created_at_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MarkerDoc {
+    format: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ClusterDoc {
+    format: u32,
+    name: String,
+    /// A string: JSON numbers lose precision above 2^53.
+    system_identifier: String,
+    pg_version: u32,
+    wal_segment_size: u64,
+    created_at_ms: i64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Repository {
+    /// Opens cluster `cluster` of the repository at `location` (an absolute
+    /// directory path). Performs no I/O.
+    pub fn open(location: &str, cluster: &str) -> Result<Repository> {
+        validate_cluster_name(cluster)?;
+        if location.contains("://") {
+            return Err(Error::UnsupportedRepository(location.to_string()));
+        }
+        if !location.starts_with('/') {
+            return Err(Error::Setting(format!(
+                "repository path '{location}' must be absolute (archive_command runs in the data directory)"
+            )));
+        }
+        Ok(Repository { storage: Box::new(FsStorage::new(location)), cluster: cluster.to_string() })
+    }
+
+    /// A repository over any storage (tests, future backends).
+    pub fn with_storage(storage: Box<dyn Storage>, cluster: &str) -> Result<Repository> {
+        validate_cluster_name(cluster)?;
+        Ok(Repository { storage, cluster: cluster.to_string() })
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> String {
+        self.storage.location()
+    }
+
+    /// The cluster name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    fn cluster_key(&self) -> String {
+        format!("{}/cluster", self.cluster)
+    }
+
+    /// The prefix under which all WAL of this cluster is stored.
+    pub fn wal_prefix(&self) -> String {
+        format!("{}/wal/", self.cluster)
+    }
+
+    /// The key of a WAL file, computed from its name alone.
+    pub fn wal_key(&self, name: &WalFileName) -> String {
+        match name.segment() {
+            Some(seg) => format!("{}/wal/{}/{name}", self.cluster, seg.timeline_and_log()),
+            None => format!("{}/wal/history/{name}", self.cluster),
+        }
+    }
+
+    fn storage_err(&self, op: &'static str, name: &str, source: StorageError) -> Error {
+        Error::Storage { op, name: name.to_string(), repo: self.location(), source }
+    }
+
+    /// Explains why cluster metadata is absent: no repository at all, a
+    /// directory that is not a repository, or a cluster never initialized.
+    /// Called only on the not-found path, so it costs nothing on success.
+    pub fn diagnose_missing(&self) -> Error {
+        match self.storage.head(MARKER_KEY) {
+            Ok(Some(_)) => Error::NotInitialized { repo: self.location(), cluster: self.cluster.clone() },
+            Ok(None) => {
+                if std::path::Path::new(&self.location()).is_dir() {
+                    Error::NotARepo(self.location())
+                } else {
+                    Error::RepoMissing(self.location())
+                }
+            }
+            Err(e) => self.storage_err("read", MARKER_KEY, e),
+        }
+    }
+
+    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<T> {
+        let bytes = match self.storage.get(key) {
+            Ok(b) => b,
+            Err(StorageError::NotFound { .. }) => return Err(self.diagnose_missing()),
+            Err(e) => return Err(self.storage_err("read", key, e)),
+        };
+        let (_, plain) = object::decode(&bytes).map_err(|source| Error::Corrupt {
+            name: key.to_string(),
+            repo: self.location(),
+            source,
+        })?;
+        serde_json::from_slice(&plain).map_err(|e| Error::Metadata {
+            repo: self.location(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Reads the cluster's identity: one GET.
+    pub fn cluster_info(&self) -> Result<ClusterInfo> {
+        let key = self.cluster_key();
+        let doc: ClusterDoc = self.get_meta(&key)?;
+        let bad = |detail: String| Error::Metadata { repo: self.location(), key: key.clone(), detail };
+        let system_id = doc.system_identifier.parse::<u64>().map_err(|e| bad(format!("system_identifier: {e}")))?;
+        let pg_version =
+            PgVersion::new(doc.pg_version).ok_or_else(|| bad(format!("unsupported pg_version {}", doc.pg_version)))?;
+        let segment_size = WalSegmentSize::new(doc.wal_segment_size)
+            .ok_or_else(|| bad(format!("invalid wal_segment_size {}", doc.wal_segment_size)))?;
+        if doc.name != self.cluster {
+            return Err(bad(format!("names cluster '{}'", doc.name)));
+        }
+        Ok(ClusterInfo {
+            name: doc.name,
+            identity: ClusterIdentity { system_id: SystemId(system_id), pg_version, segment_size },
+            created_at_ms: doc.created_at_ms,
+        })
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, doc: &T) -> Result<PutOutcome> {
+        let json = serde_json::to_vec_pretty(doc).map_err(|e| Error::Metadata {
+            repo: self.location(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        })?;
+        let opts = EncodeOptions { compression: Compression::None, ..Default::default() };
+        let (_, bytes) = object::encode(&json, &opts)
+            .map_err(|e| self.storage_err("encode", key, StorageError::Io { key: key.to_string(), source: e }))?;
+        self.storage.put_new(key, &bytes).map_err(|e| self.storage_err("store", key, e))
+    }
+
+    /// Binds the cluster name to `identity`, creating the repository
+    /// directory (if its parent exists) and marker as needed. Returns
+    /// `false` if it was already bound to the same identity.
+    ///
+    /// # Errors
+    /// [`Error::ClusterMismatch`] if the name is bound to another cluster.
+    pub fn init(&self, identity: &ClusterIdentity) -> Result<bool> {
+        let root = self.location();
+        if let Err(e) = std::fs::create_dir(&root)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => Error::RepoMissing(root),
+                _ => Error::Write { path: root.into(), source: e },
+            });
+        }
+        self.put_meta(MARKER_KEY, &MarkerDoc { format: REPOSITORY_FORMAT })?;
+        let doc = ClusterDoc {
+            format: REPOSITORY_FORMAT,
+            name: self.cluster.clone(),
+            system_identifier: identity.system_id.to_string(),
+            pg_version: identity.pg_version.major(),
+            wal_segment_size: identity.segment_size.bytes(),
+            created_at_ms: now_ms(),
+        };
+        match self.put_meta(&self.cluster_key(), &doc)? {
+            PutOutcome::Created(_) => Ok(true),
+            PutOutcome::Exists => {
+                let existing = self.cluster_info()?;
+                let e = &existing.identity;
+                let detail = if e.system_id != identity.system_id {
+                    format!("system identifier {} (this server has {})", e.system_id, identity.system_id)
+                } else if e.pg_version != identity.pg_version {
+                    format!("PostgreSQL {} (this server runs {})", e.pg_version, identity.pg_version)
+                } else if e.segment_size != identity.segment_size {
+                    format!("{} segments (this server uses {})", e.segment_size, identity.segment_size)
+                } else {
+                    return Ok(false);
+                };
+                Err(Error::ClusterMismatch { repo: self.location(), cluster: self.cluster.clone(), detail })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn identity(sysid: u64) -> ClusterIdentity {
+        ClusterIdentity {
+            system_id: SystemId(sysid),
+            pg_version: PgVersion::new(15).unwrap(),
+            segment_size: WalSegmentSize::DEFAULT,
+        }
+    }
+
+    #[test]
+    fn init_binds_once_and_diagnoses() {
+        let dir = std::env::temp_dir().join(format!("walvault-repo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let loc = dir.to_str().unwrap();
+        let r = Repository::open(loc, "main").unwrap();
+        assert!(matches!(r.cluster_info(), Err(Error::RepoMissing(_))));
+        std::fs::create_dir(&dir).unwrap();
+        assert!(matches!(r.cluster_info(), Err(Error::NotARepo(_))));
+        assert!(r.init(&identity(7)).unwrap());
+        assert!(!r.init(&identity(7)).unwrap());
+        assert!(matches!(r.init(&identity(8)), Err(Error::ClusterMismatch { .. })));
+        assert_eq!(r.cluster_info().unwrap().identity, identity(7));
+        let other = Repository::open(loc, "other").unwrap();
+        assert!(matches!(other.cluster_info(), Err(Error::NotInitialized { .. })));
+        assert!(Repository::open("relative/path", "main").is_err());
+        assert!(Repository::open("s3://bucket/x", "main").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn keys_need_no_listing() {
+        let r = Repository::open("/r", "main").unwrap();
+        let seg: WalFileName = "0000000200000001000000FE".parse().unwrap();
+        assert_eq!(r.wal_key(&seg), "main/wal/0000000200000001/0000000200000001000000FE");
+        let h: WalFileName = "00000002.history".parse().unwrap();
+        assert_eq!(r.wal_key(&h), "main/wal/history/00000002.history");
+        let b: WalFileName = "000000010000000000000002.00000028.backup".parse().unwrap();
+        assert_eq!(r.wal_key(&b), "main/wal/0000000100000000/000000010000000000000002.00000028.backup");
+    }
+}

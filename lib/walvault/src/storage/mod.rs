@@ -1,0 +1,196 @@
+//! Storage: opaque keys and bytes behind one trait. Storage knows nothing
+//! about WAL; the repository layer decides what the keys mean.
+//!
+//! The contract every backend keeps is written once, here, on [`Storage`].
+
+pub mod fs;
+
+use std::fmt;
+use std::io;
+
+use thiserror::Error;
+
+/// What a listing or a completed write knows about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The object's key.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+/// The outcome of a create-once write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object did not exist and is now durably stored.
+    Created(ObjectMeta),
+    /// An object already existed under the key; it was left untouched and
+    /// the new bytes were discarded.
+    Exists,
+}
+
+/// A storage failure, carrying the key it concerns.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// No object under this key. This is an answer, not a failure: callers
+    /// decide whether a missing object is expected.
+    #[error("'{key}' does not exist")]
+    NotFound {
+        /// The key asked for.
+        key: String,
+    },
+    /// The key is not acceptable to the storage (empty, `..`, reserved).
+    #[error("invalid storage key '{key}': {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The operation failed; see [`StorageError::is_transient`].
+    #[error("{source}")]
+    Io {
+        /// The key the operation was on.
+        key: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether retrying the same call later may succeed: a full disk, a
+    /// timeout, an interrupted connection. Permission errors and invalid
+    /// keys are permanent until someone changes something.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::NotFound { .. } | StorageError::InvalidKey { .. } => false,
+            StorageError::Io { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ),
+        }
+    }
+
+    /// The underlying I/O error kind, if any.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            StorageError::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+}
+
+/// A place that stores objects under keys: a local directory, an object
+/// store bucket.
+///
+/// Keys are `/`-separated relative paths of ASCII letters, digits, `.`, `_`
+/// and `-`; no component is empty, `.` or `..`, or starts with `.wvtmp`
+/// (reserved for temporaries). Every method is safe to call from several
+/// processes at once.
+pub trait Storage: Send + Sync {
+    /// Where this storage is, for messages (`/mnt/nas/wal`). Never contains
+    /// secrets.
+    fn location(&self) -> String;
+
+    /// Stores `data` under `key` only if no object exists there (create-once).
+    ///
+    /// Returns [`PutOutcome::Created`] only once the object is durable: on a
+    /// local disk, written to a temporary name, fsynced, renamed without
+    /// replacing, and its directory fsynced. An existing object is never
+    /// modified; [`PutOutcome::Exists`] is returned instead and the caller
+    /// compares contents. A failed or interrupted put leaves no visible
+    /// object and no partial content under `key`.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] for any failure (full disk, permissions,
+    /// unreachable store); the error says whether it is transient.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError>;
+
+    /// Reads a whole object.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] when no object exists under `key` (and
+    /// only then); [`StorageError::Io`] when it exists but cannot be read or
+    /// the storage cannot be reached.
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
+
+    /// Reads at most `len` bytes starting at `offset` (fewer if the object
+    /// is shorter), for instance an envelope header.
+    ///
+    /// # Errors
+    /// As [`Storage::get`].
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError>;
+
+    /// Size and modification time of an object, or `None` if it does not
+    /// exist.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] when the storage cannot answer.
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
+
+    /// Every object whose key starts with `prefix` (a key prefix ending in
+    /// `/`, or empty for all), in no particular order. Temporaries of writes
+    /// in progress are never listed; stale temporaries left by killed
+    /// processes are removed along the way. Listing is for maintenance
+    /// (catalog rebuild, verify), never for the per-segment path.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] when the storage cannot be read.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
+
+    /// Deletes an object. Deleting a missing object succeeds.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] when the object exists and cannot be deleted.
+    fn delete(&self, key: &str) -> Result<(), StorageError>;
+}
+
+/// Checks a key against the rules on [`Storage`].
+pub fn validate_key(key: &str) -> Result<(), StorageError> {
+    let bad = |reason| Err(StorageError::InvalidKey { key: key.to_string(), reason });
+    if key.is_empty() {
+        return bad("empty key");
+    }
+    if key.len() > 1024 {
+        return bad("key longer than 1024 bytes");
+    }
+    for part in key.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return bad("empty, '.' or '..' path component");
+        }
+        if part.starts_with(TEMP_PREFIX) {
+            return bad("component reserved for temporaries");
+        }
+        if !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+            return bad("only ASCII letters, digits, '.', '_' and '-' are allowed");
+        }
+    }
+    Ok(())
+}
+
+/// Names of temporaries start with this; they are never valid keys.
+pub const TEMP_PREFIX: &str = ".wvtmp";
+
+impl fmt::Debug for dyn Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Storage({})", self.location())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        for good in ["a", "main/wal/0000000100000000/000000010000000000000001", "x.y_z-1"] {
+            assert!(validate_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/a", "a/", "a//b", "../a", "a/./b", ".wvtmp-1-x", "a/.wvtmp", "a b", "ä"] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}
