@@ -211,3 +211,21 @@ mod tests {
         assert!(e.contains("unable to read"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// pg-config-examples/walvault.toml is the documented configuration:
+    /// it must load, and say what the docs say it says.
+    #[test]
+    fn shipped_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pg-config-examples/walvault.toml");
+        let c = Config::load(&Overrides::default(), Some(path)).unwrap();
+        assert_eq!(c.cluster, "main");
+        assert_eq!(c.repository, "/var/lib/walvault/repo");
+        assert_eq!(c.catalog, PathBuf::from("/var/lib/walvault/main/catalog.db"));
+        assert_eq!((c.compress_level, c.compress_workers, c.fetch_on_error), (3, 0, FetchOnError::Auto));
+    }
+}

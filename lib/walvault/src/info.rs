@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn utc_formatting() {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_utc(1_795_264_200_000), "2026-11-21 10:30:00 UTC");
+        assert_eq!(format_utc(1_795_264_200_000), "2026-11-21 12:30:00 UTC");
         assert_eq!(format_utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }
