@@ -5,7 +5,7 @@
 //! offset size field
 //!      0    8 magic            89 57 56 4F 42 4A 0D 0A  ("\x89WVOBJ\r\n")
 //!      8    2 format version   u16 little-endian, currently 1
-//!     10    1 compression      0 = none, 1 = zstd
+//!     10    1 compression      0 = none, 1 = zstd (one or more concatenated frames)
 //!     11    1 encryption       0 = none (other values reserved)
 //!     12    4 reserved         zero
 //!     16    8 plaintext length u64 little-endian
@@ -161,7 +161,8 @@ pub struct EncodeOptions {
     pub compression: Compression,
     /// zstd level (1–19); ignored without compression.
     pub level: i32,
-    /// zstd worker threads; 0 compresses on the calling thread.
+    /// Pieces compressed in parallel, each as its own zstd frame (at most
+    /// one per [`MIN_FRAME_INPUT`] bytes); 0 or 1 gives a single frame.
     pub workers: u32,
 }
 
@@ -193,29 +194,50 @@ fn encode_header(h: &ObjectHeader) -> [u8; HEADER_LEN] {
     b
 }
 
+/// Smallest piece compressed as its own frame: below this, the lost
+/// cross-piece matches and thread start-up cost more than they save.
+pub const MIN_FRAME_INPUT: usize = 2 << 20;
+
+/// Compresses `plain` as one zstd frame per piece, the pieces compressed in
+/// parallel. Frames are independent, so the payload is simply their
+/// concatenation (which any zstd decoder reads as one stream).
 fn compress(plain: &[u8], opts: &EncodeOptions) -> std::io::Result<Vec<u8>> {
-    match opts.compression {
-        Compression::None => Ok(plain.to_vec()),
-        Compression::Zstd => {
-            let mut c = zstd::bulk::Compressor::new(opts.level)?;
-            if opts.workers > 0 {
-                c.multithread(opts.workers)?;
-            }
-            c.include_checksum(false)?;
-            c.include_contentsize(true)?;
-            c.compress(plain)
-        }
+    if opts.compression == Compression::None {
+        return Ok(plain.to_vec());
     }
+    let pieces = (opts.workers.max(1) as usize).min(plain.len() / MIN_FRAME_INPUT).max(1);
+    let piece_len = plain.len().div_ceil(pieces).max(1);
+    let compress_one = |piece: &[u8]| -> std::io::Result<Vec<u8>> {
+        let mut c = zstd::bulk::Compressor::new(opts.level)?;
+        c.include_checksum(false)?;
+        c.include_contentsize(true)?;
+        c.compress(piece)
+    };
+    if pieces == 1 {
+        return compress_one(plain);
+    }
+    let frames: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = plain.chunks(piece_len).map(|piece| s.spawn(move || compress_one(piece))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked"))))
+            .collect()
+    });
+    let mut payload = Vec::new();
+    for frame in frames {
+        payload.extend_from_slice(&frame?);
+    }
+    Ok(payload)
 }
 
-/// Encodes `plain` into an envelope. The hash is computed on a second thread
-/// while the payload is compressed, so hashing costs no wall time.
+/// Encodes `plain` into an envelope. The hash is computed on the calling
+/// thread while the payload is compressed on others, so hashing costs no
+/// wall time.
 pub fn encode(plain: &[u8], opts: &EncodeOptions) -> Result<(ObjectHeader, Vec<u8>), std::io::Error> {
     let (hash, payload) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| ContentHash::of(plain));
-        let payload = compress(plain, opts);
-        // A panic in BLAKE3 would be a bug; fall back to hashing here.
-        let hash = hasher.join().unwrap_or_else(|_| ContentHash::of(plain));
+        let compressor = s.spawn(|| compress(plain, opts));
+        let hash = ContentHash::of(plain);
+        let payload = compressor.join().unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")));
         (hash, payload)
     });
     let payload = payload?;
@@ -307,6 +329,106 @@ pub fn decode(bytes: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     Ok((header, plain))
 }
 
+/// Why [`decode_to`] failed.
+#[derive(Debug, Error)]
+pub enum DecodeToError {
+    /// The object failed a check.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// The writer failed.
+    #[error("{0}")]
+    Write(std::io::Error),
+}
+
+/// Size of the pieces [`decode_to`] hands to the writer.
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// Fills `buf` from `r` unless the stream ends first; returns bytes read.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Decodes and verifies an object like [`decode`], but streams the
+/// plaintext into `out` while decompressing and hashing on a second thread,
+/// so that writing overlaps with decompression.
+///
+/// The verdict comes at the end: on any error `out` holds unverified bytes
+/// and the caller must discard them (write to a temporary, rename only on
+/// success).
+pub fn decode_to<W: std::io::Write>(bytes: &[u8], out: &mut W) -> Result<ObjectHeader, DecodeToError> {
+    let header = parse_header(bytes)?;
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() as u64 != header.payload_len {
+        return Err(ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len }.into());
+    }
+    if check8(payload) != header.payload_check {
+        return Err(ObjectError::PayloadCheck.into());
+    }
+    if header.compression == Compression::None {
+        let actual = ContentHash::of(payload);
+        if actual != header.hash {
+            return Err(ObjectError::Hash { actual, expected: header.hash }.into());
+        }
+        out.write_all(payload).map_err(DecodeToError::Write)?;
+        return Ok(header);
+    }
+    let limit = header.plain_len;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || -> Result<(u64, ContentHash), ObjectError> {
+            let dec_err = |e: std::io::Error| ObjectError::Decompress(e.to_string());
+            let mut dec = zstd::stream::read::Decoder::with_buffer(payload).map_err(dec_err)?;
+            let mut hasher = blake3::Hasher::new();
+            let mut total = 0u64;
+            loop {
+                let mut buf = vec![0u8; STREAM_CHUNK];
+                let n = read_full(&mut dec, &mut buf).map_err(dec_err)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > limit {
+                    return Err(ObjectError::PlainLength { actual: total, expected: limit });
+                }
+                buf.truncate(n);
+                hasher.update(&buf);
+                if tx.send(buf).is_err() {
+                    break; // the writer failed and reports it
+                }
+            }
+            Ok((total, ContentHash(*hasher.finalize().as_bytes())))
+        });
+        let mut write_result = Ok(());
+        for chunk in &rx {
+            if let Err(e) = out.write_all(&chunk) {
+                write_result = Err(DecodeToError::Write(e));
+                break;
+            }
+        }
+        drop(rx);
+        let produced =
+            producer.join().unwrap_or_else(|_| Err(ObjectError::Decompress("decoder thread panicked".into())));
+        write_result?;
+        let (total, actual) = produced?;
+        if total != limit {
+            return Err(ObjectError::PlainLength { actual: total, expected: limit }.into());
+        }
+        if actual != header.hash {
+            return Err(ObjectError::Hash { actual, expected: header.hash }.into());
+        }
+        Ok(header)
+    })
+}
+
 /// Decompresses one zstd frame of at most `limit` bytes. A frame that would
 /// produce more is an error, so a damaged length cannot exhaust memory.
 fn decompress_exact(payload: &[u8], limit: usize) -> Result<Vec<u8>, ObjectError> {
@@ -344,10 +466,31 @@ mod tests {
     }
 
     #[test]
-    fn multithreaded_output_decodes() {
-        let plain = sample().repeat(50);
-        let (_, bytes) = encode(&plain, &EncodeOptions { workers: 2, ..Default::default() }).unwrap();
-        assert_eq!(decode(&bytes).unwrap().1, plain);
+    fn multi_frame_output_decodes_both_ways() {
+        let plain = sample().repeat(200); // ~11 MB: several frames
+        for workers in [0, 2, 3] {
+            let (h, bytes) = encode(&plain, &EncodeOptions { workers, ..Default::default() }).unwrap();
+            assert_eq!(decode(&bytes).unwrap().1, plain);
+            let mut streamed = Vec::new();
+            assert_eq!(decode_to(&bytes, &mut streamed).unwrap(), h);
+            assert_eq!(streamed, plain);
+        }
+    }
+
+    #[test]
+    fn decode_to_reports_writer_errors() {
+        struct Full;
+        impl std::io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let plain = sample().repeat(100);
+        let (_, bytes) = encode(&plain, &EncodeOptions::default()).unwrap();
+        assert!(matches!(decode_to(&bytes, &mut Full), Err(DecodeToError::Write(_))));
     }
 
     #[test]
@@ -360,6 +503,7 @@ mod tests {
                     let mut bad = bytes.clone();
                     bad[i] ^= flip;
                     assert!(decode(&bad).is_err(), "flip {flip:#x} at byte {i} ({compression:?}) not detected");
+                    assert!(decode_to(&bad, &mut Vec::new()).is_err(), "decode_to: flip {flip:#x} at byte {i}");
                 }
             }
             for len in 0..bytes.len() {

@@ -97,7 +97,10 @@ fn toml_detail(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {col}: {msg}")
+            // The line itself names the key, whatever the parser's message says.
+            let text_line = text.lines().nth(line - 1).unwrap_or("").trim();
+            let shown: String = text_line.chars().take(80).collect();
+            format!("line {line}, column {col} ('{shown}'): {msg}")
         }
         None => msg,
     }
@@ -227,5 +230,20 @@ mod example_tests {
         assert_eq!(c.repository, "/var/lib/walvault/repo");
         assert_eq!(c.catalog, PathBuf::from("/var/lib/walvault/main/catalog.db"));
         assert_eq!((c.compress_level, c.compress_workers, c.fetch_on_error), (3, 0, FetchOnError::Auto));
+    }
+}
+
+#[cfg(test)]
+mod type_error_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let p = std::env::temp_dir().join(format!("walvault-config-{}-type.toml", std::process::id()));
+        std::fs::write(&p, "repository = \"/r\"\ncompress-level = \"high\"\n").unwrap();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(e.contains("compress-level") && e.contains("line 2") && e.contains(&p.display().to_string()), "{e}");
+        std::fs::remove_file(&p).unwrap();
     }
 }

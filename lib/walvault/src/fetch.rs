@@ -5,10 +5,9 @@
 //! archive" is a normal answer; anything else is an error, which the binary
 //! turns into an exit code that stops recovery instead of ending it early.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use walvault_formats::object;
+use walvault_formats::object::{self, DecodeToError};
 use walvault_formats::wal::WalFileName;
 
 use crate::config::{Config, FetchOnError};
@@ -84,25 +83,23 @@ pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
             return Err(Error::Storage { op: "read", name: name.to_string(), repo: repo.location(), source });
         }
     };
-    let (_, plain) = object::decode(&stored).map_err(|source| Error::Corrupt {
-        name: name.to_string(),
-        repo: repo.location(),
-        source,
-    })?;
-    drop(stored);
-
+    let corrupt = |source| Error::Corrupt { name: name.to_string(), repo: repo.location(), source };
     let tmp = temp_path(dest);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&plain)?;
-        // No fsync: PostgreSQL reads the file at once, and after a crash it
-        // asks for it again. The rename only makes it appear whole.
-        drop(f);
-        std::fs::rename(&tmp, dest)
-    })();
-    written.map_err(|source| {
+    let mut file = std::fs::File::create(&tmp).map_err(|source| Error::Write { path: dest.to_path_buf(), source })?;
+    // The plaintext streams into the temporary while it is decompressed and
+    // hashed; the temporary becomes `dest` only if every check passed.
+    // No fsync: PostgreSQL reads the file at once, and after a crash it
+    // asks for it again. The rename only makes it appear whole.
+    let decoded = object::decode_to(&stored, &mut file).map_err(|e| match e {
+        DecodeToError::Object(source) => corrupt(source),
+        DecodeToError::Write(source) => Error::Write { path: dest.to_path_buf(), source },
+    });
+    drop(file);
+    let renamed = decoded
+        .and_then(|_| std::fs::rename(&tmp, dest).map_err(|source| Error::Write { path: dest.to_path_buf(), source }));
+    if let Err(e) = renamed {
         let _ = std::fs::remove_file(&tmp);
-        Error::Write { path: dest.to_path_buf(), source }
-    })?;
+        return Err(e);
+    }
     Ok(FetchOutcome::Restored)
 }

@@ -35,16 +35,13 @@ pub struct PushOutcome {
     pub warnings: Vec<String>,
 }
 
-/// zstd workers for a file of `len` bytes: parallel compression pays off
-/// on whole segments, not on small files.
-fn workers_for(config: &Config, len: usize) -> u32 {
+/// How many pieces to compress in parallel: one per core (at most 8)
+/// unless configured; the envelope encoder keeps pieces of at least 2 MiB.
+fn workers_for(config: &Config) -> u32 {
     if config.compress_workers > 0 {
         return config.compress_workers;
     }
-    if len < 4 << 20 {
-        return 0;
-    }
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)).min(4)
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)).min(8)
 }
 
 /// Checks that the bytes are what their name says they are.
@@ -89,8 +86,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     validate(&name, &bytes, &cluster)?;
 
-    let opts =
-        EncodeOptions { level: config.compress_level, workers: workers_for(config, bytes.len()), ..Default::default() };
+    let opts = EncodeOptions { level: config.compress_level, workers: workers_for(config), ..Default::default() };
     let key = repo.wal_key(&name);
     let storage_err =
         |op, source: StorageError| Error::Storage { op, name: name.to_string(), repo: repo.location(), source };
