@@ -61,16 +61,23 @@ pub fn report_warning(program: &str, w: &str) {
     eprintln!("{program}: warning: {w}");
 }
 
-/// Parses arguments; on a usage error prints clap's message and exits with
-/// `usage_exit` (archive-fetch must not exit 2, which PostgreSQL would read
-/// as "file missing").
-pub fn parse_args<T: clap::Parser>(usage_exit: i32) -> T {
+/// Parses arguments. A usage error is printed in the same one-line format
+/// as every other error and exits with `usage_exit` (archive-fetch must not
+/// exit 2, which PostgreSQL would read as "file missing").
+pub fn parse_args<T: clap::Parser>(program: &str, usage_exit: i32) -> T {
     match T::try_parse() {
         Ok(t) => t,
-        Err(e) => {
-            let code = if e.use_stderr() { usage_exit } else { EXIT_OK };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
             let _ = e.print();
-            std::process::exit(code)
+            std::process::exit(EXIT_OK)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{program}: error: {}", first.trim_start_matches("error: "));
+            eprintln!("HINT: see '{program} --help'");
+            std::process::exit(usage_exit)
         }
     }
 }

@@ -19,11 +19,11 @@ struct Cli {
     /// The WAL file name (PostgreSQL's %f)
     wal_name: String,
     /// Where to write it (PostgreSQL's %p)
-    dest: PathBuf,
+    dest: String,
 }
 
 fn main() {
-    let cli: Cli = parse_args(EXIT_ABORT_RECOVERY);
+    let cli: Cli = parse_args("archive-fetch", EXIT_ABORT_RECOVERY);
     let config = match cli.common.load() {
         Ok(c) => c,
         Err(e) => {
@@ -31,7 +31,7 @@ fn main() {
             std::process::exit(EXIT_ABORT_RECOVERY);
         }
     };
-    let code = match fetch(&config, &cli.wal_name, &cli.dest) {
+    let code = match fetch(&config, &cli.wal_name, &PathBuf::from(&cli.dest)) {
         Ok(FetchOutcome::Restored) => EXIT_OK,
         Ok(FetchOutcome::Missing) => EXIT_FAIL,
         Err(e) => {

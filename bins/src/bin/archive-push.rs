@@ -13,12 +13,14 @@ struct Cli {
     #[command(flatten)]
     common: CommonArgs,
     /// The WAL file to archive (PostgreSQL's %p)
-    wal_path: PathBuf,
+    // A String, not a PathBuf: clap refuses an empty path with its own
+    // message; walvault's is clearer.
+    wal_path: String,
 }
 
 fn main() {
-    let cli: Cli = parse_args(EXIT_FAIL);
-    let result = cli.common.load().and_then(|config| walvault::push::push(&config, &cli.wal_path));
+    let cli: Cli = parse_args("archive-push", EXIT_FAIL);
+    let result = cli.common.load().and_then(|config| walvault::push::push(&config, &PathBuf::from(&cli.wal_path)));
     let code = match result {
         Ok(outcome) => {
             for w in &outcome.warnings {

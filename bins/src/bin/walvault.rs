@@ -96,14 +96,20 @@ fn run(cli: Cli) -> walvault::Result<()> {
             for key in &report.ignored {
                 report_warning("walvault", &format!("ignored '{key}': not a WAL file of this cluster"));
             }
+            for d in &report.damaged {
+                report_warning("walvault", &format!("not indexed, damaged header: {d}"));
+            }
             println!("catalog '{}' rebuilt: {} WAL files indexed", config.catalog.display(), report.wal_files);
+            if !report.damaged.is_empty() {
+                return Err(walvault::Error::Damaged { repo: config.repository, count: report.damaged.len() });
+            }
         }
     }
     Ok(())
 }
 
 fn main() {
-    let cli: Cli = parse_args(2);
+    let cli: Cli = parse_args("walvault", 2);
     let code = match run(cli) {
         Ok(()) => EXIT_OK,
         Err(e) => {

@@ -370,6 +370,9 @@ pub struct SegmentHeader {
 /// Why bytes are not an acceptable segment for a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SegmentError {
+    /// Too short to hold a long page header.
+    #[error("only {0} bytes, shorter than a WAL page header")]
+    Truncated(usize),
     /// Too short, too long.
     #[error("size is {actual} bytes, expected {expected} (the segment size of the cluster)")]
     Size {
@@ -447,7 +450,7 @@ impl SegmentHeader {
     /// what needs no context (magic, flags, block size).
     pub fn parse(bytes: &[u8]) -> Result<SegmentHeader, SegmentError> {
         if bytes.len() < LONG_PAGE_HEADER_LEN {
-            return Err(SegmentError::Size { actual: bytes.len() as u64, expected: LONG_PAGE_HEADER_LEN as u64 });
+            return Err(SegmentError::Truncated(bytes.len()));
         }
         let magic = u16_at(bytes, 0);
         let pg_version = PgVersion::from_page_magic(magic).ok_or(SegmentError::Magic(magic))?;

@@ -150,6 +150,13 @@ impl Config {
             .clone()
             .or(parsed.catalog)
             .unwrap_or_else(|| PathBuf::from(format!("/var/lib/walvault/{cluster}/catalog.db")));
+        if !catalog.is_absolute() {
+            return Err(Error::Setting(format!(
+                "{} is '{}': it must be an absolute path (archive-push runs in the data directory)",
+                in_file("catalog"),
+                catalog.display()
+            )));
+        }
         let compress_level = parsed.compress_level.unwrap_or(3);
         if !(1..=19).contains(&compress_level) {
             return Err(Error::Setting(format!("{} is {compress_level}, expected 1 to 19", in_file("compress-level"))));

@@ -16,7 +16,7 @@ use walvault_formats::wal::{SegmentError, WalFileNameError};
 
 use crate::storage::StorageError;
 
-/// Result with the library's [`Error`].
+/// Result with the library's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in walvault.
@@ -98,7 +98,7 @@ pub enum Error {
         source: StorageError,
     },
     /// An object is in the repository but fails verification.
-    #[error("archived file '{name}' in repository '{repo}' is corrupt: {source}")]
+    #[error("'{name}' in repository '{repo}' is corrupt: {source}")]
     Corrupt {
         /// The file name.
         name: String,
@@ -160,6 +160,14 @@ pub enum Error {
         /// What is missing or wrong.
         detail: String,
     },
+    /// Objects that a maintenance command found damaged and skipped.
+    #[error("{count} damaged object(s) in repository '{repo}' were left out")]
+    Damaged {
+        /// The repository.
+        repo: String,
+        /// How many.
+        count: usize,
+    },
     /// A repository URL scheme this build does not support yet.
     #[error("repository '{0}': only local directories are supported")]
     UnsupportedRepository(String),
@@ -177,7 +185,9 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             Error::Config { .. } | Error::Setting(_) => {
-                "fix the file (see pg-config-examples/walvault.toml) or override the value with a flag".into()
+                "see pg-config-examples/walvault.toml; --config, --repository, --cluster and --catalog override \
+                 the file"
+                    .into()
             }
             Error::Segment { source: SegmentError::SystemId { .. }, .. } => {
                 "a repository cluster belongs to one PostgreSQL cluster: archive this server into its own \
@@ -197,19 +207,28 @@ impl Error {
                     "free space in the repository; PostgreSQL keeps the WAL and retries".into()
                 }
                 Some(io::ErrorKind::PermissionDenied) => {
-                    "the repository must be writable by the user running PostgreSQL (usually 'postgres')".into()
+                    "the repository must be readable and writable by the user running PostgreSQL (usually \
+                     'postgres')"
+                        .into()
                 }
                 _ => return None,
             },
             Error::Corrupt { .. } => {
-                "the archived copy is damaged; restore it from another repository or take a new base backup".into()
+                "move the damaged object aside: if PostgreSQL still has the file, its next archive attempt stores \
+                 an intact copy; otherwise copy it from another repository"
+                    .into()
             }
             Error::RepoMissing(_) => {
-                "create it with 'walvault init', or check that the file system holding it is mounted".into()
+                "check the path and that the file system holding it is mounted; 'walvault init' creates the \
+                 repository directory (its parent must exist)"
+                    .into()
             }
             Error::NotARepo(_) => "check 'repository' in the configuration, or run 'walvault init'".into(),
             Error::NotInitialized { .. } => "run 'walvault init --pgdata <data directory>' first".into(),
             Error::ClusterMismatch { .. } => "choose another cluster name with --cluster".into(),
+            Error::Damaged { .. } => {
+                "move the damaged objects aside (they are listed above), then run the command again".into()
+            }
             Error::NoCatalog(_) => "run 'walvault catalog rebuild' to build it from the repository".into(),
             Error::Catalog { .. } => {
                 "the catalog is only an index: 'walvault catalog rebuild' recreates it from the repository".into()

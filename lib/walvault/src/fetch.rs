@@ -68,6 +68,9 @@ fn temp_path(dest: &Path) -> PathBuf {
 /// write `dest`.
 pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
     let name: WalFileName = name.parse()?;
+    if dest.as_os_str().is_empty() {
+        return Err(Error::Setting("the destination path (%p) is empty".into()));
+    }
     let repo = Repository::open(&config.repository, &config.cluster)?;
     let key = repo.wal_key(&name);
     let stored = match repo.storage().get(&key) {
@@ -102,4 +105,25 @@ pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
         return Err(e);
     }
     Ok(FetchOutcome::Restored)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn errors_abort_recovery_except_on_a_standby() {
+        let dir = std::env::temp_dir().join(format!("walvault-fetch-answer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(error_answer(FetchOnError::Auto, Some(&dir)), ErrorAnswer::Abort);
+        assert_eq!(error_answer(FetchOnError::Auto, None), ErrorAnswer::Abort);
+        std::fs::write(dir.join("recovery.signal"), b"").unwrap();
+        assert_eq!(error_answer(FetchOnError::Auto, Some(&dir)), ErrorAnswer::Abort);
+        std::fs::write(dir.join("standby.signal"), b"").unwrap();
+        assert_eq!(error_answer(FetchOnError::Auto, Some(&dir)), ErrorAnswer::Retry);
+        assert_eq!(error_answer(FetchOnError::Abort, Some(&dir)), ErrorAnswer::Abort);
+        assert_eq!(error_answer(FetchOnError::Retry, None), ErrorAnswer::Retry);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

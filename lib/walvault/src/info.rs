@@ -207,11 +207,12 @@ impl std::fmt::Display for Info {
         for t in &self.timelines {
             writeln!(
                 f,
-                "timeline {}: {} .. {}  {} segments, {} WAL, {} stored",
+                "timeline {}: {} .. {}  {} segment{}, {} WAL, {} stored",
                 t.timeline,
                 t.first,
                 t.last,
                 t.segments,
+                if t.segments == 1 { "" } else { "s" },
                 human_bytes(t.wal_bytes),
                 human_bytes(t.stored_bytes)
             )?;

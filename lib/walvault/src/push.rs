@@ -7,14 +7,14 @@
 
 use std::path::Path;
 
-use walvault_formats::object::{self, ContentHash, EncodeOptions, HEADER_LEN};
+use walvault_formats::object::{self, ContentHash, EncodeOptions, ObjectHeader};
 use walvault_formats::wal::{WalFileName, parse_history, validate_segment};
 
 use crate::catalog::{Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repo::{ClusterInfo, Repository};
-use crate::storage::{PutOutcome, StorageError};
+use crate::storage::{ObjectMeta, PutOutcome, StorageError};
 
 /// What happened to the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,52 +93,91 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     let (header, stored) = object::encode(&bytes, &opts)
         .map_err(|source| storage_err("compress", StorageError::Io { key: key.clone(), source }))?;
     let outcome = repo.storage().put_new(&key, &stored).map_err(|e| storage_err("store", e))?;
+    let mut warnings = Vec::new();
     let meta = match outcome {
         PutOutcome::Created(meta) => meta,
-        PutOutcome::Exists => {
-            let existing = existing_hash(&repo, &name, &key)?;
-            if existing != header.hash {
-                return Err(Error::Conflict {
-                    name: name.to_string(),
-                    repo: repo.location(),
-                    stored: existing,
-                    new: header.hash,
-                });
+        PutOutcome::Exists => match verify_existing(&repo, &name, &key, &header.hash)? {
+            Existing::Intact => {
+                // Record it anyway: this retry may follow a push whose
+                // catalog write failed.
+                if let Ok(Some(meta)) = repo.storage().head(&key) {
+                    let record = wal_record(name, &cluster, &header, &meta);
+                    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
+                        warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
+                    }
+                }
+                return Ok(PushOutcome { status: PushStatus::AlreadyArchived, warnings });
             }
-            return Ok(PushOutcome { status: PushStatus::AlreadyArchived, warnings: Vec::new() });
-        }
+            Existing::DamagedCopy(damage) => {
+                // The stored object claims this very content but its bytes
+                // are damaged: replacing it with the good copy PostgreSQL
+                // still holds is a repair, not an overwrite of other content.
+                let meta = repo.storage().put_replace(&key, &stored).map_err(|e| storage_err("store", e))?;
+                warnings.push(format!(
+                    "'{name}' was archived but its stored copy in repository '{}' was corrupt ({damage}); \
+                     replaced it with the intact file",
+                    repo.location()
+                ));
+                meta
+            }
+        },
     };
 
     // The file is durable: from here on nothing may fail the push. The
     // catalog is an index that `catalog rebuild` can always recreate.
-    let record = WalRecord {
-        name,
-        segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
-        plain_size: header.plain_len,
-        stored_size: meta.size,
-        blake3: header.hash.to_string(),
-        archived_at_ms: meta.modified_ms,
-    };
-    let mut warnings = Vec::new();
+    let record = wal_record(name, &cluster, &header, &meta);
     if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
     }
     Ok(PushOutcome { status: PushStatus::Stored, warnings })
 }
 
-/// The plaintext hash of an already stored object, from its header alone.
-fn existing_hash(repo: &Repository, name: &WalFileName, key: &str) -> Result<ContentHash> {
-    let head = repo.storage().get_range(key, 0, HEADER_LEN as u64).map_err(|source| Error::Storage {
+/// The state of an object found under the name being pushed.
+enum Existing {
+    /// Verified, and its content is the file being pushed.
+    Intact,
+    /// Its header names the file being pushed, but the object fails
+    /// verification.
+    DamagedCopy(walvault_formats::object::ObjectError),
+}
+
+/// Compares the stored object with the file being pushed (`new`). Only the
+/// retry path pays for this full read; the first push never does.
+///
+/// # Errors
+/// [`Error::Conflict`] if the stored object is another file;
+/// [`Error::Corrupt`] if it is damaged so badly that its content cannot be
+/// told (a broken header): it is then left for an operator to inspect.
+fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &ContentHash) -> Result<Existing> {
+    let bytes = repo.storage().get(key).map_err(|source| Error::Storage {
         op: "read",
         name: name.to_string(),
         repo: repo.location(),
         source,
     })?;
-    object::parse_header(&head).map(|h| h.hash).map_err(|source| Error::Corrupt {
+    let header = object::parse_header(&bytes).map_err(|source| Error::Corrupt {
         name: name.to_string(),
         repo: repo.location(),
         source,
+    })?;
+    if header.hash != *new {
+        return Err(Error::Conflict { name: name.to_string(), repo: repo.location(), stored: header.hash, new: *new });
+    }
+    Ok(match object::decode(&bytes) {
+        Ok(_) => Existing::Intact,
+        Err(damage) => Existing::DamagedCopy(damage),
     })
+}
+
+fn wal_record(name: WalFileName, cluster: &ClusterInfo, header: &ObjectHeader, meta: &ObjectMeta) -> WalRecord {
+    WalRecord {
+        name,
+        segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
+        plain_size: header.plain_len,
+        stored_size: meta.size,
+        blake3: header.hash.to_string(),
+        archived_at_ms: meta.modified_ms,
+    }
 }
 
 fn record_in_catalog(config: &Config, repo: &Repository, cluster: &ClusterInfo, record: &WalRecord) -> Result<()> {

@@ -17,6 +17,8 @@ pub struct RebuildReport {
     pub wal_files: usize,
     /// Objects under the WAL prefix that are not WAL files (ignored).
     pub ignored: Vec<String>,
+    /// WAL objects whose header is damaged (not indexed), with the reason.
+    pub damaged: Vec<String>,
 }
 
 /// Rebuilds the catalog at `config.catalog` from the repository.
@@ -32,6 +34,7 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
     })?;
     let mut records = Vec::with_capacity(listing.len());
     let mut ignored = Vec::new();
+    let mut damaged = Vec::new();
     for meta in listing {
         let file = meta.key.rsplit('/').next().unwrap_or_default();
         let Ok(name) = file.parse::<WalFileName>() else {
@@ -48,11 +51,15 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
             repo: repo.location(),
             source,
         })?;
-        let header = object::parse_header(&head).map_err(|source| Error::Corrupt {
-            name: name.to_string(),
-            repo: repo.location(),
-            source,
-        })?;
+        // One damaged object must not stop the index of all the others; it
+        // is reported, and left out as if missing (which it effectively is).
+        let header = match object::parse_header(&head) {
+            Ok(h) => h,
+            Err(e) => {
+                damaged.push(format!("{}: {e}", meta.key));
+                continue;
+            }
+        };
         records.push(WalRecord {
             name,
             segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
@@ -65,5 +72,5 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
     let mut catalog = Catalog::open(&config.catalog)?;
     let bound = CatalogCluster { name: cluster.name, repository: repo.location(), identity: cluster.identity };
     catalog.replace_all(&bound, &records, started)?;
-    Ok(RebuildReport { wal_files: records.len(), ignored })
+    Ok(RebuildReport { wal_files: records.len(), ignored, damaged })
 }

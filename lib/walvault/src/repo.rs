@@ -164,6 +164,12 @@ impl Repository {
         let key = self.cluster_key();
         let doc: ClusterDoc = self.get_meta(&key)?;
         let bad = |detail: String| Error::Metadata { repo: self.location(), key: key.clone(), detail };
+        if doc.format != REPOSITORY_FORMAT {
+            return Err(bad(format!(
+                "format {} is not supported by this walvault (it reads format {REPOSITORY_FORMAT}); upgrade walvault",
+                doc.format
+            )));
+        }
         let system_id = doc.system_identifier.parse::<u64>().map_err(|e| bad(format!("system_identifier: {e}")))?;
         let pg_version =
             PgVersion::new(doc.pg_version).ok_or_else(|| bad(format!("unsupported pg_version {}", doc.pg_version)))?;
@@ -207,7 +213,19 @@ impl Repository {
                 _ => Error::Write { path: root.into(), source: e },
             });
         }
-        self.put_meta(MARKER_KEY, &MarkerDoc { format: REPOSITORY_FORMAT })?;
+        if let PutOutcome::Exists = self.put_meta(MARKER_KEY, &MarkerDoc { format: REPOSITORY_FORMAT })? {
+            let marker: MarkerDoc = self.get_meta(MARKER_KEY)?;
+            if marker.format != REPOSITORY_FORMAT {
+                return Err(Error::Metadata {
+                    repo: root,
+                    key: MARKER_KEY.into(),
+                    detail: format!(
+                        "repository format {} is not supported by this walvault (format {REPOSITORY_FORMAT})",
+                        marker.format
+                    ),
+                });
+            }
+        }
         let doc = ClusterDoc {
             format: REPOSITORY_FORMAT,
             name: self.cluster.clone(),

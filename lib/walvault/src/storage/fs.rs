@@ -42,6 +42,47 @@ impl FsStorage {
         validate_key(key)?;
         Ok(self.root.join(key))
     }
+
+    /// Writes `data` to a temporary beside `path`, fsyncs it, publishes it
+    /// with `publish` (which returns false if it declined, for create-once),
+    /// and fsyncs the directory. Returns the new object's metadata, or
+    /// `None` if `publish` declined. Nothing partial is ever visible.
+    fn write_durably(
+        &self,
+        key: &str,
+        path: &Path,
+        data: &[u8],
+        publish: impl Fn(&Path, &Path) -> io::Result<bool>,
+    ) -> Result<Option<ObjectMeta>, StorageError> {
+        let err = io_err(key);
+        let (Some(dir), Some(file_name)) = (path.parent(), path.file_name()) else {
+            return Err(StorageError::InvalidKey { key: key.to_string(), reason: "no file name" });
+        };
+        ensure_dir(dir, &self.root).map_err(err)?;
+        let tmp = dir.join(temp_name(&file_name.to_string_lossy()));
+        let written = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            publish(&tmp, path)
+        })();
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = fs::remove_file(&tmp);
+                return Ok(None);
+            }
+            Err(e) => {
+                // Nothing partial may stay behind: the temporary goes, and
+                // the final name was never touched.
+                let _ = fs::remove_file(&tmp);
+                return Err(io_err(key)(e));
+            }
+        }
+        sync_dir(dir).map_err(io_err(key))?;
+        let meta = fs::metadata(path).map_err(io_err(key))?;
+        Ok(Some(ObjectMeta { key: key.to_string(), size: meta.len(), modified_ms: mtime_ms(&meta) }))
+    }
 }
 
 fn io_err(key: &str) -> impl FnOnce(io::Error) -> StorageError + '_ {
@@ -126,39 +167,22 @@ impl Storage for FsStorage {
 
     fn put_new(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError> {
         let path = self.path(key)?;
-        let err = io_err(key);
-        let (Some(dir), Some(file_name)) = (path.parent(), path.file_name()) else {
-            return Err(StorageError::InvalidKey { key: key.to_string(), reason: "no file name" });
-        };
         // A cheap early answer for the common retry case; the rename below
         // stays the real create-once guard against races.
         if path.exists() {
             return Ok(PutOutcome::Exists);
         }
-        ensure_dir(dir, &self.root).map_err(err)?;
-        let tmp = dir.join(temp_name(&file_name.to_string_lossy()));
-        let written = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            rename_noreplace(&tmp, &path)
-        })();
-        let created = match written {
-            Ok(created) => created,
-            Err(e) => {
-                // Nothing partial may stay behind: the temporary goes, and
-                // the final name was never touched.
-                let _ = fs::remove_file(&tmp);
-                return Err(io_err(key)(e));
-            }
-        };
-        if !created {
-            let _ = fs::remove_file(&tmp);
-            return Ok(PutOutcome::Exists);
+        match self.write_durably(key, &path, data, rename_noreplace)? {
+            Some(meta) => Ok(PutOutcome::Created(meta)),
+            None => Ok(PutOutcome::Exists),
         }
-        sync_dir(dir).map_err(io_err(key))?;
-        let meta = fs::metadata(&path).map_err(io_err(key))?;
-        Ok(PutOutcome::Created(ObjectMeta { key: key.to_string(), size: meta.len(), modified_ms: mtime_ms(&meta) }))
+    }
+
+    fn put_replace(&self, key: &str, data: &[u8]) -> Result<ObjectMeta, StorageError> {
+        let path = self.path(key)?;
+        let replace = |from: &Path, to: &Path| fs::rename(from, to).map(|()| true);
+        self.write_durably(key, &path, data, replace)?
+            .ok_or_else(|| io_err(key)(io::Error::other("rename reported no replacement")))
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
@@ -278,7 +302,9 @@ mod tests {
         assert!(matches!(s.put_new("a/b/c", b"one").unwrap(), PutOutcome::Created(m) if m.size == 3));
         assert_eq!(s.put_new("a/b/c", b"two").unwrap(), PutOutcome::Exists);
         assert_eq!(s.get("a/b/c").unwrap(), b"one");
-        assert_eq!(s.get_range("a/b/c", 1, 10).unwrap(), b"ne");
+        assert_eq!(s.put_replace("a/b/c", b"won").unwrap().size, 3);
+        assert_eq!(s.get("a/b/c").unwrap(), b"won");
+        assert_eq!(s.get_range("a/b/c", 1, 10).unwrap(), b"on");
         assert!(matches!(s.get("a/b/x"), Err(StorageError::NotFound { .. })));
         assert_eq!(s.head("a/b/c").unwrap().unwrap().size, 3);
         assert!(s.head("nope").unwrap().is_none());

@@ -109,6 +109,16 @@ pub trait Storage: Send + Sync {
     /// unreachable store); the error says whether it is transient.
     fn put_new(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError>;
 
+    /// Replaces the object under `key` with `data`, atomically: readers see
+    /// the old or the new object, never a mix. Used only to repair an object
+    /// that failed verification with a copy of the same content; everything
+    /// else is create-once ([`Storage::put_new`]). Durable on return, as
+    /// `put_new`.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] for any failure; the old object is then intact.
+    fn put_replace(&self, key: &str, data: &[u8]) -> Result<ObjectMeta, StorageError>;
+
     /// Reads a whole object.
     ///
     /// # Errors

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run every check and every test of the workspace; the one command CI runs.
+#
+# As root (CI), it first installs the system packages (scripts/install-deps.sh);
+# the integration tests then run each PostgreSQL program as the `postgres` OS
+# user. As an ordinary user, the packages must already be installed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [[ $(id -u) -eq 0 ]]; then
+    step "installing system packages"
+    bash scripts/install-deps.sh
+else
+    step "checking system packages (not root: nothing is installed)"
+    bash scripts/install-deps.sh --check || echo "test.sh: warning: packages are missing; the integration tests will fail" >&2
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo doc"
+# --lib: the binary `walvault` would collide with the library `walvault` in target/doc
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --lib
+
+step "cargo build (the integration tests run the binaries)"
+cargo build --workspace --bins
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    echo "test.sh: cargo-nextest not found, using cargo test" >&2
+    cargo test --workspace --no-fail-fast
+fi
+
+step "doc tests"
+cargo test --workspace --doc
+
+if [[ -f scripts/fuzz-smoke.sh ]]; then
+    step "fuzz smoke test"
+    bash scripts/fuzz-smoke.sh
+fi
+
+step "all checks passed"
