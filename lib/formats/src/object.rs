@@ -30,6 +30,10 @@ pub const HEADER_LEN: usize = 80;
 /// The magic at offset 0: a high byte (catches 7-bit transfers), "WVOBJ",
 /// and CR LF (catches line-ending conversion), as PNG does.
 pub const MAGIC: [u8; 8] = *b"\x89WVOBJ\r\n";
+/// The largest plaintext an object may hold: 1 GiB, the largest WAL
+/// segment. A header claiming more is refused before anything is allocated
+/// or decompressed, so no object can make a reader exhaust memory.
+pub const MAX_PLAIN_LEN: u64 = 1 << 30;
 /// The only format version this code writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 
@@ -130,6 +134,9 @@ pub enum ObjectError {
         /// In the header.
         expected: u64,
     },
+    /// The header claims a plaintext larger than [`MAX_PLAIN_LEN`].
+    #[error("header claims {0} bytes of plaintext, more than the 1 GiB limit")]
+    TooLarge(u64),
     /// The payload's bytes changed since it was written.
     #[error("payload checksum mismatch")]
     PayloadCheck,
@@ -234,6 +241,9 @@ fn compress(plain: &[u8], opts: &EncodeOptions) -> std::io::Result<Vec<u8>> {
 /// thread while the payload is compressed on others, so hashing costs no
 /// wall time.
 pub fn encode(plain: &[u8], opts: &EncodeOptions) -> Result<(ObjectHeader, Vec<u8>), std::io::Error> {
+    if plain.len() as u64 > MAX_PLAIN_LEN {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "object larger than 1 GiB"));
+    }
     let (hash, payload) = std::thread::scope(|s| {
         let compressor = s.spawn(|| compress(plain, opts));
         let hash = ContentHash::of(plain);
@@ -290,6 +300,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
     hash.copy_from_slice(&bytes[32..64]);
     let mut payload_check = [0u8; 8];
     payload_check.copy_from_slice(&bytes[64..72]);
+    if u64_at(16) > MAX_PLAIN_LEN {
+        return Err(ObjectError::TooLarge(u64_at(16)));
+    }
     Ok(ObjectHeader {
         compression,
         plain_len: u64_at(16),
@@ -429,13 +442,24 @@ pub fn decode_to<W: std::io::Write>(bytes: &[u8], out: &mut W) -> Result<ObjectH
     })
 }
 
-/// Decompresses one zstd frame of at most `limit` bytes. A frame that would
-/// produce more is an error, so a damaged length cannot exhaust memory.
+/// Decompresses the payload's frames, refusing to produce more than
+/// `limit` bytes. Memory grows with the bytes actually produced, never with
+/// a length claimed by the header or a frame (whoever can write to the
+/// repository can craft those): a damaged or hostile length cannot exhaust
+/// memory.
 fn decompress_exact(payload: &[u8], limit: usize) -> Result<Vec<u8>, ObjectError> {
-    let mut d = zstd::bulk::Decompressor::new().map_err(|e| ObjectError::Decompress(e.to_string()))?;
-    // Capacity of limit + 1 lets an over-long frame show itself instead of
-    // being cut silently at the limit.
-    d.decompress(payload, limit.saturating_add(1)).map_err(|e| ObjectError::Decompress(e.to_string()))
+    use std::io::Read;
+    let dec_err = |e: std::io::Error| ObjectError::Decompress(e.to_string());
+    let dec = zstd::stream::read::Decoder::with_buffer(payload).map_err(dec_err)?;
+    // Reserve up front only what a real segment needs (1 GiB at most is a
+    // valid segment size; 64 MiB covers the common sizes in one step).
+    let mut out = Vec::with_capacity(limit.min(64 << 20));
+    // One byte more than allowed lets an over-long stream show itself.
+    dec.take((limit as u64).saturating_add(1)).read_to_end(&mut out).map_err(dec_err)?;
+    if out.len() > limit {
+        return Err(ObjectError::PlainLength { actual: out.len() as u64, expected: limit as u64 });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -513,6 +537,45 @@ mod tests {
             longer.push(0);
             assert!(decode(&longer).is_err(), "trailing byte not detected");
         }
+    }
+
+    /// Found by fuzzing: a valid header claiming a huge plaintext over a
+    /// frame without a content size made decode allocate the claimed size.
+    #[test]
+    fn huge_claimed_length_is_an_error_not_an_allocation() {
+        for hex in [
+            "8957564f424a0d0a010001000000000000000000000000800e00000000000000ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200fcdbfa02af92a25103094d19803e4877228b52ffd000029000068656c6c6f",
+            "8957564f424a0d0a010001000000000000000000001000000e00000000000000ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200fcdbfa02af92a2510db2887e1dbc481d528b52ffd000029000068656c6c6f",
+        ] {
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            assert!(matches!(parse_header(&bytes), Err(ObjectError::TooLarge(_))));
+            assert!(decode(&bytes).is_err());
+            assert!(decode_to(&bytes, &mut Vec::new()).is_err());
+        }
+    }
+
+    /// A header whose (allowed) length is larger than what the frames hold
+    /// is refused, with memory bounded by what the frames produce.
+    #[test]
+    fn claimed_length_larger_than_content_is_an_error() {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_contentsize(false).unwrap();
+        let payload = c.compress(b"hello").unwrap();
+        let header = ObjectHeader {
+            compression: Compression::Zstd,
+            plain_len: MAX_PLAIN_LEN,
+            payload_len: payload.len() as u64,
+            hash: ContentHash::of(b"hello"),
+            payload_check: check8(&payload),
+        };
+        let mut bytes = encode_header(&header).to_vec();
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(decode(&bytes), Err(ObjectError::PlainLength { actual: 5, .. })));
+        assert!(matches!(
+            decode_to(&bytes, &mut Vec::new()),
+            Err(DecodeToError::Object(ObjectError::PlainLength { .. }))
+        ));
     }
 
     #[test]
