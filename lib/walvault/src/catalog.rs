@@ -464,6 +464,32 @@ mod tests {
         std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
     }
 
+    /// Many archive-push processes write at once: WAL journal mode and the
+    /// busy timeout must make every write land.
+    #[test]
+    fn concurrent_writers_all_land() {
+        let path = temp("concurrent");
+        Catalog::open(&path).unwrap().bind(&cluster()).unwrap();
+        let handles: Vec<_> = (0..8u64)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        // A fresh connection per write, as each push is a process.
+                        let cat = Catalog::open(&path).unwrap();
+                        cat.bind(&cluster()).unwrap();
+                        cat.record_wal(&seg(1, w * 1000 + i, 1)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(Catalog::open_existing(&path).unwrap().all_wal().unwrap().len(), 400);
+        std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
     #[test]
     fn missing_catalog_is_reported() {
         let path = temp("missing");
