@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use walvault_formats::object::ObjectHeader;
 use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
 
 use crate::error::{Error, Result};
+use crate::storage::ObjectMeta;
 
 /// Migrations, applied in order; `user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -63,6 +65,22 @@ pub struct WalRecord {
     pub blake3: String,
     /// When the object was stored (its modification time), ms since epoch.
     pub archived_at_ms: i64,
+}
+
+impl WalRecord {
+    /// The record of a stored WAL object: its name, envelope header and
+    /// storage metadata (whose modification time is the archive time, so
+    /// that a push and a rebuild record the same thing).
+    pub fn of_object(name: WalFileName, size: WalSegmentSize, header: &ObjectHeader, meta: &ObjectMeta) -> WalRecord {
+        WalRecord {
+            name,
+            segno: name.segment().and_then(|s| s.segno(size)).map(|s| s.0),
+            plain_size: header.plain_len,
+            stored_size: meta.size,
+            blake3: header.hash.to_string(),
+            archived_at_ms: meta.modified_ms,
+        }
+    }
 }
 
 /// The cluster a catalog indexes.
@@ -230,20 +248,7 @@ impl Catalog {
     }
 
     fn set_cluster(&self, c: &CatalogCluster) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO cluster (id, name, repository, system_identifier, pg_version, wal_segment_size)
-                 VALUES (1, ?1, ?2, ?3, ?4, ?5)",
-                params![
-                    c.name,
-                    c.repository,
-                    c.identity.system_id.to_string(),
-                    c.identity.pg_version.major(),
-                    to_i64(c.identity.segment_size.bytes())
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        set_cluster(&self.conn, c).map_err(|e| self.err(e))
     }
 
     /// Records one archived file (replacing an older record of the name).
@@ -259,19 +264,7 @@ impl Catalog {
         let path = self.path.clone();
         let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
-        tx.execute("DELETE FROM cluster", []).map_err(fail)?;
-        tx.execute(
-            "INSERT INTO cluster (id, name, repository, system_identifier, pg_version, wal_segment_size)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
-            params![
-                c.name,
-                c.repository,
-                c.identity.system_id.to_string(),
-                c.identity.pg_version.major(),
-                to_i64(c.identity.segment_size.bytes())
-            ],
-        )
-        .map_err(fail)?;
+        set_cluster(&tx, c).map_err(fail)?;
         tx.execute("CREATE TEMP TABLE listed (name TEXT PRIMARY KEY) WITHOUT ROWID", []).map_err(fail)?;
         {
             let mut listed = tx.prepare("INSERT INTO temp.listed (name) VALUES (?1)").map_err(fail)?;
@@ -372,6 +365,21 @@ impl Catalog {
         }
         Ok(out)
     }
+}
+
+fn set_cluster(conn: &Connection, c: &CatalogCluster) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO cluster (id, name, repository, system_identifier, pg_version, wal_segment_size)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+        params![
+            c.name,
+            c.repository,
+            c.identity.system_id.to_string(),
+            c.identity.pg_version.major(),
+            to_i64(c.identity.segment_size.bytes())
+        ],
+    )
+    .map(|_| ())
 }
 
 fn insert_wal(conn: &Connection, r: &WalRecord) -> rusqlite::Result<()> {

@@ -7,14 +7,14 @@
 
 use std::path::Path;
 
-use walvault_formats::object::{self, ContentHash, EncodeOptions, ObjectHeader};
+use walvault_formats::object::{self, ContentHash, EncodeOptions};
 use walvault_formats::wal::{WalFileName, parse_history, validate_segment};
 
 use crate::catalog::{Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repo::{ClusterInfo, Repository};
-use crate::storage::{ObjectMeta, PutOutcome, StorageError};
+use crate::storage::{PutOutcome, StorageError};
 
 /// What happened to the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +101,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
                 // Record it anyway: this retry may follow a push whose
                 // catalog write failed.
                 if let Ok(Some(meta)) = repo.storage().head(&key) {
-                    let record = wal_record(name, &cluster, &header, &meta);
+                    let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
                     if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
                         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
                     }
@@ -125,7 +125,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
 
     // The file is durable: from here on nothing may fail the push. The
     // catalog is an index that `catalog rebuild` can always recreate.
-    let record = wal_record(name, &cluster, &header, &meta);
+    let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
     if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
     }
@@ -167,17 +167,6 @@ fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &Conte
         Ok(_) => Existing::Intact,
         Err(damage) => Existing::DamagedCopy(damage),
     })
-}
-
-fn wal_record(name: WalFileName, cluster: &ClusterInfo, header: &ObjectHeader, meta: &ObjectMeta) -> WalRecord {
-    WalRecord {
-        name,
-        segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
-        plain_size: header.plain_len,
-        stored_size: meta.size,
-        blake3: header.hash.to_string(),
-        archived_at_ms: meta.modified_ms,
-    }
 }
 
 fn record_in_catalog(config: &Config, repo: &Repository, cluster: &ClusterInfo, record: &WalRecord) -> Result<()> {

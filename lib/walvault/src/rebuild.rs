@@ -60,14 +60,7 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
                 continue;
             }
         };
-        records.push(WalRecord {
-            name,
-            segno: name.segment().and_then(|s| s.segno(cluster.identity.segment_size)).map(|s| s.0),
-            plain_size: header.plain_len,
-            stored_size: meta.size,
-            blake3: header.hash.to_string(),
-            archived_at_ms: meta.modified_ms,
-        });
+        records.push(WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta));
     }
     let mut catalog = Catalog::open(&config.catalog)?;
     let bound = CatalogCluster { name: cluster.name, repository: repo.location(), identity: cluster.identity };
