@@ -1,0 +1,259 @@
+//! walvault-bench: archives and fetches real WAL segments with `cp`,
+//! walvault and pgBackRest side by side, one process per call as
+//! PostgreSQL does, and prints the figures as a Markdown table (see
+//! `docs/benchmarks.md`).
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p walvault-bench -- [--segments N] [--out DIR] [--keep]
+//! ```
+
+mod compare;
+mod ctx;
+mod pg;
+mod report;
+mod scale;
+mod stats;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::ctx::{Ctx, WALVAULT_BINS, is_root, lookup_user, run};
+
+const USAGE: &str = "\
+usage: walvault-bench [--segments N] [--scale-segments M] [--scale-rounds R]
+                      [--catalog-rows ROWS] [--out DIR] [--keep]
+
+  --segments N        WAL segments made with pgbench and timed per tool (default 40)
+  --scale-segments M  segments pushed per round in the large-catalog test (default 20)
+  --scale-rounds R    rounds of the large-catalog test (default 3; 0 skips it)
+  --catalog-rows ROWS rows of the large catalog (default 1000000)
+  --out DIR           also write the results to DIR/results.md and every
+                      sample to DIR/samples.csv
+  --keep              keep the work directory under /tmp
+
+Run after `cargo build --release --workspace --bins`: the walvault binaries
+are taken from the directory of this executable.";
+
+/// Command-line options.
+#[derive(Debug)]
+struct Args {
+    segments: usize,
+    scale_segments: usize,
+    scale_rounds: usize,
+    catalog_rows: u64,
+    out: Option<PathBuf>,
+    keep: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a =
+        Args { segments: 40, scale_segments: 20, scale_rounds: 3, catalog_rows: 1_000_000, out: None, keep: false };
+    let mut it = std::env::args().skip(1);
+    fn number<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T> {
+        v.and_then(|s| s.parse().ok()).with_context(|| format!("{flag} takes a number"))
+    }
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--segments" => a.segments = number(&arg, it.next())?,
+            "--scale-segments" => a.scale_segments = number(&arg, it.next())?,
+            "--scale-rounds" => a.scale_rounds = number(&arg, it.next())?,
+            "--catalog-rows" => a.catalog_rows = number(&arg, it.next())?,
+            "--out" => a.out = Some(PathBuf::from(it.next().context("--out needs a directory")?)),
+            "--keep" => a.keep = true,
+            "-h" | "--help" => {
+                let _ = writeln!(std::io::stdout(), "{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument '{other}'\n{USAGE}"),
+        }
+    }
+    if a.segments < 2 {
+        bail!("--segments must be at least 2");
+    }
+    Ok(a)
+}
+
+/// The work directory; removed when dropped unless kept. Declared before
+/// the server so that the server is stopped first.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("walvault-bench: kept '{}'", self.path.display());
+        } else if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("walvault-bench: warning: unable to remove '{}': {e}", self.path.display());
+        }
+    }
+}
+
+/// Copies the release binaries next to this executable into `<work>/bin`,
+/// where the PostgreSQL user can run them.
+fn copy_binaries(ctx: &Ctx) -> Result<()> {
+    let exe = std::env::current_exe().context("unable to find this executable")?;
+    let from = exe.parent().context("this executable has no directory")?;
+    ctx.mkdir("bin")?;
+    for name in WALVAULT_BINS {
+        let src = from.join(name);
+        if !src.is_file() {
+            bail!(
+                "'{}' does not exist; build the binaries first: cargo build --release --workspace --bins",
+                src.display()
+            );
+        }
+        let dst = ctx.bin.join(name);
+        fs::copy(&src, &dst).with_context(|| format!("unable to copy '{}' to '{}'", src.display(), dst.display()))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("unable to make '{}' executable", dst.display()))?;
+    }
+    Ok(())
+}
+
+/// The commit the walvault sources are at, and whether `lib/`, `bins/` or
+/// the lock file differ from it (the binaries measured are built from them).
+fn source_version() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("git");
+        cmd.arg("-C").arg(&root).args(args).stdin(std::process::Stdio::null());
+        run(cmd).ok().map(|s| s.trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--", "lib", "bins", "Cargo.toml", "Cargo.lock"])
+                .is_none_or(|s| !s.is_empty());
+            if dirty { format!("git {head} with uncommitted changes") } else { format!("git {head}") }
+        }
+        None => "unknown (not a git checkout)".to_string(),
+    }
+}
+
+/// The first line `cmd ARG` prints (a version), or why there is none.
+fn first_line(mut cmd: std::process::Command, arg: &str) -> String {
+    cmd.arg(arg);
+    run(cmd).map(|s| s.lines().next().unwrap_or("").trim().to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("walvault-bench: error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = real_main(&args) {
+        eprintln!("walvault-bench: error: {e:#}");
+        if !args.keep {
+            eprintln!("HINT: run again with --keep to look at the work directory");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn real_main(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let load_before = report::loadavg();
+    if load_before.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).is_some_and(|l| l > 0.5) {
+        eprintln!(
+            "walvault-bench: warning: the load average is {load_before}: other work on this machine \
+             will make the figures noisy"
+        );
+    }
+    let initdb = Path::new(ctx::PG_BIN).join("initdb");
+    if !initdb.is_file() {
+        bail!("'{}' does not exist: install PostgreSQL 15 with scripts/install-deps.sh", initdb.display());
+    }
+    let pg_user = if is_root()? {
+        Some(lookup_user("postgres")?.context("running as root, but the OS user 'postgres' does not exist")?)
+    } else {
+        None
+    };
+    let path = std::env::temp_dir().join(format!("walvault-bench-{}", std::process::id()));
+    fs::create_dir(&path).with_context(|| format!("unable to create '{}'", path.display()))?;
+    let work = WorkDir { path: path.clone(), keep: args.keep };
+    let ctx = Ctx { bin: path.join("bin"), work: path, pg_user };
+    ctx.chown(&ctx.work)?;
+    copy_binaries(&ctx)?;
+
+    let pgbackrest = compare::pgbackrest_version(&ctx);
+    if pgbackrest.is_none() {
+        eprintln!(
+            "walvault-bench: pgbackrest is not installed ('pgbackrest version' failed): its columns are \
+             left out (install it with scripts/install-deps.sh)"
+        );
+    }
+    let mut versions = vec![
+        ("PostgreSQL".to_string(), first_line(ctx.admin("postgres"), "--version")),
+        (
+            "walvault".to_string(),
+            format!("{}, {}", first_line(ctx.walvault("archive-push"), "--version"), source_version()),
+        ),
+        ("pgBackRest".to_string(), pgbackrest.clone().unwrap_or_else(|| "not installed".into())),
+        ("zstd".to_string(), first_line(ctx.tool("zstd"), "--version")),
+        ("cp".to_string(), first_line(ctx.tool("cp"), "--version")),
+    ];
+    versions.retain(|(_, v)| !v.is_empty());
+
+    eprintln!("walvault-bench: making {} WAL segments with pgbench in '{}'", args.segments, ctx.work.display());
+    let mut server = pg::Server::initdb(&ctx)?;
+    let segments = pg::make_segments(&mut server, args.segments)?;
+    let pgdata = server.datadir().to_path_buf();
+
+    let arch = compare::setup(&ctx, &pgdata, pgbackrest.is_some())?;
+    let timings = compare::measure(&ctx, &arch, &segments)?;
+    let sizes = compare::sizes(&ctx, &arch, &segments)?;
+    let scale = if args.scale_rounds > 0 {
+        let m = args.scale_segments.min(segments.len());
+        Some(scale::measure(&ctx, &pgdata, &segments[..m], args.catalog_rows, args.scale_rounds)?)
+    } else {
+        None
+    };
+    drop(server);
+
+    let results = report::Results { segments: segments.len(), timings, sizes, scale };
+    let command = std::iter::once("cargo run --release -p walvault-bench --".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut machine = report::machine(&ctx.work, &versions);
+    machine.push((
+        "load average (1, 5, 15 min), at start → at end".to_string(),
+        format!("{load_before} → {}", report::loadavg()),
+    ));
+    let md = report::markdown(&results, &machine, &command);
+    writeln!(std::io::stdout(), "{md}").context("unable to write the results to stdout")?;
+    if let Some(dir) = &args.out {
+        write_out(dir, &md, &results)?;
+    }
+    eprintln!("walvault-bench: done in {:.0} s", started.elapsed().as_secs_f64());
+    drop(work);
+    Ok(())
+}
+
+/// Writes `DIR/results.md` (the report) and `DIR/samples.csv` (every
+/// sample: operation, segment, position in the interleaved loop, ms).
+fn write_out(dir: &Path, md: &str, r: &report::Results) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("unable to create '{}'", dir.display()))?;
+    let file = dir.join("results.md");
+    fs::write(&file, md).with_context(|| format!("unable to write '{}'", file.display()))?;
+    let mut csv = String::from("operation,segment,position,ms\n");
+    let t = &r.timings;
+    let scale = r.scale.iter().flat_map(|s| [&s.empty, &s.big]);
+    for s in t.push.iter().chain(&t.reference).chain(&t.fetch).chain(scale) {
+        csv.push_str(&s.csv());
+    }
+    let samples = dir.join("samples.csv");
+    fs::write(&samples, csv).with_context(|| format!("unable to write '{}'", samples.display()))?;
+    eprintln!("walvault-bench: wrote '{}' and '{}'", file.display(), samples.display());
+    Ok(())
+}
