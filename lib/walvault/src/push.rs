@@ -5,10 +5,11 @@
 //! and record it in the catalog. No listing, no scan: the cost does not grow
 //! with the archive.
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use walvault_formats::object::{self, ContentHash, EncodeOptions};
-use walvault_formats::wal::{WalFileName, parse_history, validate_segment};
+use walvault_formats::wal::{SegmentError, WalFileName, parse_history, validate_segment};
 
 use crate::catalog::{Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
@@ -83,15 +84,38 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     let name: WalFileName = file_name.parse()?;
     let repo = Repository::open(&config.repository, &config.cluster)?;
     let cluster = repo.cluster_info()?;
-    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    validate(&name, &bytes, &cluster)?;
+    let read_err = |source| Error::Read { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { std::io::ErrorKind::IsADirectory } else { std::io::ErrorKind::InvalidInput };
+        return Err(read_err(std::io::Error::new(kind, "not a regular file")));
+    }
+    let len = meta.len();
+    if let WalFileName::Segment(_) | WalFileName::Partial(_) = name {
+        // Refuse a file of the wrong size before reading it.
+        let expected = cluster.identity.segment_size.bytes();
+        if len != expected {
+            let source = SegmentError::Size { actual: len, expected };
+            return Err(Error::Segment { name: name.to_string(), source });
+        }
+    }
+    let len = usize::try_from(len).map_err(|_| read_err(std::io::Error::other("file too large")))?;
 
     let opts = EncodeOptions { level: config.compress_level, workers: workers_for(config), ..Default::default() };
     let key = repo.wal_key(&name);
     let storage_err =
         |op, source: StorageError| Error::Storage { op, name: name.to_string(), repo: repo.location(), source };
-    let (header, stored) = object::encode(&bytes, &opts)
-        .map_err(|source| storage_err("compress", StorageError::Io { key: key.clone(), source }))?;
+    // Reading, compressing and hashing overlap: each compression thread
+    // reads its own piece of the file (pread) and compresses it while this
+    // thread hashes the pieces already read.
+    let (header, bytes, stored) = object::encode_filled(len, &opts, |offset, buf| file.read_exact_at(buf, offset))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound => read_err(e),
+            _ if e.raw_os_error().is_some() => read_err(e),
+            _ => storage_err("compress", StorageError::Io { key: key.clone(), source: e }),
+        })?;
+    validate(&name, &bytes, &cluster)?;
     let outcome = repo.storage().put_new(&key, &stored).map_err(|e| storage_err("store", e))?;
     let mut warnings = Vec::new();
     let meta = match outcome {
