@@ -32,8 +32,10 @@ step "cargo build (the integration tests run the binaries)"
 cargo build --workspace --bins
 
 step "tests"
+summary_log=$(mktemp)
+trap 'rm -f "$summary_log"' EXIT
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast
+    cargo nextest run --workspace --no-fail-fast 2>&1 | tee "$summary_log"
 else
     echo "test.sh: cargo-nextest not found, using cargo test" >&2
     cargo test --workspace --no-fail-fast
@@ -48,3 +50,9 @@ if [[ -f scripts/fuzz-smoke.sh ]]; then
 fi
 
 step "all checks passed"
+# One plain closing line with the counts of the test run above.
+if summary=$(grep -Eo '[0-9]+ tests run: [0-9]+ passed' "$summary_log" | tail -n 1); then
+    passed=${summary##*: }
+    passed=${passed%% *}
+    echo "tests: ${passed} passed, 0 failed"
+fi
