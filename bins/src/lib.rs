@@ -73,9 +73,17 @@ pub fn parse_args<T: clap::Parser>(program: &str, usage_exit: i32) -> T {
             std::process::exit(EXIT_OK)
         }
         Err(e) => {
+            // clap's message spans lines (the missing arguments, a tip, the
+            // usage); keep what precedes the usage, on one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{program}: error: {}", first.trim_start_matches("error: "));
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let message = message.join(" ");
+            eprintln!("{program}: error: {}", message.trim_start_matches("error: "));
             eprintln!("HINT: see '{program} --help'");
             std::process::exit(usage_exit)
         }

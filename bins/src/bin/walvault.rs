@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use walvault::init::IdentitySource;
 use walvault::repo::now_ms;
 use walvault_bins::{CommonArgs, EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
-use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalSegmentSize};
 
 /// Keep a PostgreSQL cluster recoverable: WAL archive, catalog and reports.
 #[derive(Parser)]
@@ -57,19 +57,14 @@ fn run(cli: Cli) -> walvault::Result<()> {
     let config = cli.common.load()?;
     match cli.command {
         Command::Init { pgdata, system_id, pg_version, wal_segment_size } => {
-            let identity = match (pgdata, system_id) {
-                (Some(dir), _) => walvault::pgdata::identity_from_pgdata(&dir)?,
-                (None, Some(id)) => ClusterIdentity {
-                    system_id: SystemId(id),
-                    pg_version: pg_version
-                        .and_then(PgVersion::new)
-                        .ok_or_else(|| walvault::Error::Setting("--pg-version must be 12 to 18".into()))?,
-                    segment_size: WalSegmentSize::new(wal_segment_size).ok_or_else(|| {
-                        walvault::Error::Setting("--wal-segment-size must be a power of two from 1 MiB to 1 GiB".into())
-                    })?,
-                },
-                (None, None) => return Err(walvault::Error::Setting("give --pgdata or --system-id".into())),
+            let source = match (pgdata, system_id, pg_version) {
+                (Some(dir), _, _) => IdentitySource::PgData(dir),
+                (None, Some(system_id), Some(pg_version)) => {
+                    IdentitySource::Explicit { system_id, pg_version, wal_segment_size }
+                }
+                _ => return Err(walvault::Error::Setting("give --pgdata, or --system-id and --pg-version".into())),
             };
+            let identity = source.resolve()?;
             let report = walvault::init::init(&config, &identity)?;
             for w in &report.warnings {
                 report_warning("walvault", w);

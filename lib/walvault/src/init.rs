@@ -1,11 +1,13 @@
 //! `walvault init`: binds a repository and a cluster name to one
 //! PostgreSQL cluster, and the catalog to both.
 
-use walvault_formats::wal::ClusterIdentity;
+use std::path::PathBuf;
+
+use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalSegmentSize};
 
 use crate::catalog::{Catalog, CatalogCluster};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::repo::Repository;
 
 /// What `init` did.
@@ -15,6 +17,42 @@ pub struct InitReport {
     pub created: bool,
     /// Problems that did not fail the init (the catalog).
     pub warnings: Vec<String>,
+}
+
+/// Where `walvault init` learns the cluster's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Read from a data directory (the server may be running).
+    PgData(PathBuf),
+    /// Given explicitly: system identifier, major version, segment size in
+    /// bytes.
+    Explicit {
+        /// `pg_control.system_identifier`.
+        system_id: u64,
+        /// Major version, 12 to 18.
+        pg_version: u32,
+        /// `wal_segment_size` in bytes.
+        wal_segment_size: u64,
+    },
+}
+
+impl IdentitySource {
+    /// The identity this source describes.
+    pub fn resolve(&self) -> Result<ClusterIdentity> {
+        match self {
+            IdentitySource::PgData(dir) => crate::pgdata::identity_from_pgdata(dir),
+            IdentitySource::Explicit { system_id, pg_version, wal_segment_size } => Ok(ClusterIdentity {
+                system_id: SystemId(*system_id),
+                pg_version: PgVersion::new(*pg_version)
+                    .ok_or_else(|| Error::Setting(format!("--pg-version is {pg_version}, expected 12 to 18")))?,
+                segment_size: WalSegmentSize::new(*wal_segment_size).ok_or_else(|| {
+                    Error::Setting(format!(
+                        "--wal-segment-size is {wal_segment_size}, expected a power of two from 1 MiB to 1 GiB"
+                    ))
+                })?,
+            }),
+        }
+    }
 }
 
 /// Binds `config`'s repository and cluster name to `identity`.
