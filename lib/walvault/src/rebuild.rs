@@ -67,3 +67,80 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
     catalog.replace_all(&bound, &records, started)?;
     Ok(RebuildReport { wal_files: records.len(), ignored, damaged })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::Overrides;
+    use crate::storage::TEMP_PREFIX;
+    use walvault_formats::wal::{
+        ClusterIdentity, LONG_PAGE_HEADER_LEN, PgVersion, SegmentHeader, SegmentNo, SystemId, WalSegmentSize,
+    };
+
+    fn segment(segno: u64, id: &ClusterIdentity) -> Vec<u8> {
+        let mut bytes = vec![7u8; id.segment_size.bytes() as usize];
+        let header = SegmentHeader {
+            pg_version: id.pg_version,
+            info: 0x0002,
+            timeline: 1,
+            page_address: id.segment_size.start_of(SegmentNo(segno)),
+            system_id: id.system_id,
+            segment_size: id.segment_size.bytes() as u32,
+            block_size: 8192,
+        };
+        bytes[..LONG_PAGE_HEADER_LEN].copy_from_slice(&header.encode());
+        bytes
+    }
+
+    /// A damaged object is reported and left out, the others are indexed,
+    /// and a stale temporary of a killed writer is removed, never indexed.
+    #[test]
+    fn rebuild_skips_damaged_objects_and_reclaims_stale_temporaries() {
+        let dir = std::env::temp_dir().join(format!("walvault-rebuild-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let overrides = Overrides {
+            repository: Some(dir.join("repo").display().to_string()),
+            catalog: Some(dir.join("catalog.db")),
+            ..Default::default()
+        };
+        let config = Config::load(&overrides, None).unwrap();
+        let id = ClusterIdentity {
+            system_id: SystemId(99),
+            pg_version: PgVersion::new(15).unwrap(),
+            segment_size: WalSegmentSize::new(1 << 20).unwrap(),
+        };
+        crate::init::init(&config, &id).unwrap();
+        for segno in 1..=3u64 {
+            let path = dir.join(format!("00000001000000000000000{segno}"));
+            std::fs::write(&path, segment(segno, &id)).unwrap();
+            crate::push::push(&config, &path).unwrap();
+        }
+        let wal_dir = dir.join("repo/main/wal/0000000100000000");
+        let damaged = wal_dir.join("000000010000000000000002");
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        bytes[20] ^= 0xFF; // inside the header
+        std::fs::write(&damaged, bytes).unwrap();
+        let stale = wal_dir.join(format!("{TEMP_PREFIX}-1-000000001-000000010000000000000004"));
+        std::fs::write(&stale, b"half a segment").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+
+        std::fs::remove_file(dir.join("catalog.db")).unwrap();
+        let report = rebuild(&config).unwrap();
+        assert_eq!(report.wal_files, 2);
+        assert_eq!(report.damaged.len(), 1, "{report:?}");
+        assert!(report.damaged[0].contains("000000010000000000000002"));
+        assert!(!stale.exists(), "the stale temporary must be removed");
+        let names: Vec<String> = Catalog::open_existing(&config.catalog)
+            .unwrap()
+            .all_wal()
+            .unwrap()
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["000000010000000000000001", "000000010000000000000003"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
