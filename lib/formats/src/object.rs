@@ -229,11 +229,7 @@ fn compress(plain: &[u8], opts: &EncodeOptions) -> std::io::Result<Vec<u8>> {
             .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked"))))
             .collect()
     });
-    let mut payload = Vec::new();
-    for frame in frames {
-        payload.extend_from_slice(&frame?);
-    }
-    Ok(payload)
+    join_frames(frames)
 }
 
 /// How many pieces a plaintext of `len` bytes is cut into.
@@ -267,18 +263,32 @@ pub fn encode(plain: &[u8], opts: &EncodeOptions) -> Result<(ObjectHeader, Vec<u
         let payload = compressor.join().unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")));
         (hash, payload)
     });
-    let payload = payload?;
+    Ok(assemble(opts.compression, plain.len(), hash, &payload?))
+}
+
+/// The header for a payload, and the stored object: header then payload.
+fn assemble(compression: Compression, plain_len: usize, hash: ContentHash, payload: &[u8]) -> (ObjectHeader, Vec<u8>) {
     let header = ObjectHeader {
-        compression: opts.compression,
-        plain_len: plain.len() as u64,
+        compression,
+        plain_len: plain_len as u64,
         payload_len: payload.len() as u64,
         hash,
-        payload_check: check8(&payload),
+        payload_check: check8(payload),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&encode_header(&header));
-    out.extend_from_slice(&payload);
-    Ok((header, out))
+    out.extend_from_slice(payload);
+    (header, out)
+}
+
+/// Concatenates the frames compressed on separate threads, or returns the
+/// first error.
+fn join_frames(frames: Vec<std::io::Result<Vec<u8>>>) -> std::io::Result<Vec<u8>> {
+    let mut payload = Vec::new();
+    for frame in frames {
+        payload.extend_from_slice(&frame?);
+    }
+    Ok(payload)
 }
 
 /// Encodes a plaintext of `len` bytes that `fill(offset, buf)` produces
@@ -337,20 +347,7 @@ pub fn encode_filled(
             .collect();
         (ContentHash(*hasher.finalize().as_bytes()), frames)
     });
-    let mut payload = Vec::new();
-    for frame in frames {
-        payload.extend_from_slice(&frame?);
-    }
-    let header = ObjectHeader {
-        compression: opts.compression,
-        plain_len: len as u64,
-        payload_len: payload.len() as u64,
-        hash,
-        payload_check: check8(&payload),
-    };
-    let mut stored = Vec::with_capacity(HEADER_LEN + payload.len());
-    stored.extend_from_slice(&encode_header(&header));
-    stored.extend_from_slice(&payload);
+    let (header, stored) = assemble(opts.compression, len, hash, &join_frames(frames)?);
     Ok((header, plain, stored))
 }
 

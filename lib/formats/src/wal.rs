@@ -537,6 +537,25 @@ pub fn validate_segment(
     Ok(header)
 }
 
+/// A segment of `cluster` that passes [`validate_segment`]: a valid long
+/// page header for segment `segno` of timeline `timeline`, the rest of the
+/// segment filled with `fill`. For tests and benchmarks.
+pub fn synthetic_segment(cluster: &ClusterIdentity, timeline: TimelineId, segno: SegmentNo, fill: u8) -> Vec<u8> {
+    let mut bytes = vec![fill; cluster.segment_size.bytes() as usize];
+    let header = SegmentHeader {
+        pg_version: cluster.pg_version,
+        info: XLP_LONG_HEADER,
+        timeline: timeline.get(),
+        page_address: cluster.segment_size.start_of(segno),
+        system_id: cluster.system_id,
+        // WalSegmentSize is at most 1 GiB.
+        segment_size: cluster.segment_size.bytes() as u32,
+        block_size: 8192,
+    };
+    bytes[..LONG_PAGE_HEADER_LEN].copy_from_slice(&header.encode());
+    bytes
+}
+
 /// One line of a timeline history file: `parent_tli<TAB>switch_lsn<TAB>reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
@@ -672,18 +691,7 @@ mod tests {
     }
 
     fn segment(segno: u64, tli: u32, c: &ClusterIdentity) -> Vec<u8> {
-        let mut bytes = vec![0u8; c.segment_size.bytes() as usize];
-        let h = SegmentHeader {
-            pg_version: c.pg_version,
-            info: XLP_LONG_HEADER,
-            timeline: tli,
-            page_address: c.segment_size.start_of(SegmentNo(segno)),
-            system_id: c.system_id,
-            segment_size: c.segment_size.bytes() as u32,
-            block_size: 8192,
-        };
-        bytes[..LONG_PAGE_HEADER_LEN].copy_from_slice(&h.encode());
-        bytes
+        synthetic_segment(c, TimelineId::new(tli).unwrap(), SegmentNo(segno), 0)
     }
 
     #[test]

@@ -75,23 +75,8 @@ mod tests {
     use crate::config::Overrides;
     use crate::storage::TEMP_PREFIX;
     use walvault_formats::wal::{
-        ClusterIdentity, LONG_PAGE_HEADER_LEN, PgVersion, SegmentHeader, SegmentNo, SystemId, WalSegmentSize,
+        ClusterIdentity, PgVersion, SegmentNo, SystemId, TimelineId, WalSegmentSize, synthetic_segment,
     };
-
-    fn segment(segno: u64, id: &ClusterIdentity) -> Vec<u8> {
-        let mut bytes = vec![7u8; id.segment_size.bytes() as usize];
-        let header = SegmentHeader {
-            pg_version: id.pg_version,
-            info: 0x0002,
-            timeline: 1,
-            page_address: id.segment_size.start_of(SegmentNo(segno)),
-            system_id: id.system_id,
-            segment_size: id.segment_size.bytes() as u32,
-            block_size: 8192,
-        };
-        bytes[..LONG_PAGE_HEADER_LEN].copy_from_slice(&header.encode());
-        bytes
-    }
 
     /// A damaged object is reported and left out, the others are indexed,
     /// and a stale temporary of a killed writer is removed, never indexed.
@@ -114,7 +99,7 @@ mod tests {
         crate::init::init(&config, &id).unwrap();
         for segno in 1..=3u64 {
             let path = dir.join(format!("00000001000000000000000{segno}"));
-            std::fs::write(&path, segment(segno, &id)).unwrap();
+            std::fs::write(&path, synthetic_segment(&id, TimelineId::FIRST, SegmentNo(segno), 7)).unwrap();
             crate::push::push(&config, &path).unwrap();
         }
         let wal_dir = dir.join("repo/main/wal/0000000100000000");
