@@ -1,6 +1,8 @@
 //! `walvault`: the operator's command.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use walvault::init::IdentitySource;
@@ -39,6 +41,75 @@ enum Command {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+    },
+    /// Take a base backup of the running server (run on the database host)
+    Backup {
+        /// libpq connection string or URI [default: the PG* environment variables]
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// Data directory [default: asked from the server]
+        #[arg(long, value_name = "DIR")]
+        pgdata: Option<PathBuf>,
+        /// Files copied in parallel
+        #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Request an immediate checkpoint instead of waiting for a spread one
+        #[arg(long)]
+        fast: bool,
+        /// Seconds to wait for the WAL the backup needs to be archived
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        archive_timeout: u64,
+        /// Read at most this many bytes per second (suffixes k, M, G)
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_rate: Option<u64>,
+    },
+    /// Restore a base backup and set up recovery to a target
+    Restore {
+        /// Data directory to restore into (must be empty unless --delta)
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Recover to this time; a zone is required: '2026-11-21 14:30:00+00'
+        #[arg(long, value_name = "TIME", group = "target_kind")]
+        target_time: Option<String>,
+        /// Recover to this LSN ('0/3000060')
+        #[arg(long, value_name = "LSN", group = "target_kind")]
+        target_lsn: Option<String>,
+        /// Recover to the commit of this transaction id
+        #[arg(long, value_name = "XID", group = "target_kind")]
+        target_xid: Option<String>,
+        /// Recover to this restore point (pg_create_restore_point)
+        #[arg(long, value_name = "NAME", group = "target_kind")]
+        target_name: Option<String>,
+        /// 'immediate': stop as soon as the backup is consistent
+        #[arg(long, value_name = "immediate", group = "target_kind", value_parser = ["immediate"])]
+        target: Option<String>,
+        /// Timeline to recover along: latest, current or a number [default: latest]
+        #[arg(long, value_name = "TIMELINE")]
+        target_timeline: Option<String>,
+        /// What the server does at the target: promote, pause or shutdown
+        #[arg(long, value_name = "ACTION", value_parser = ["promote", "pause", "shutdown"])]
+        target_action: Option<String>,
+        /// Stop just before the target rather than just after it
+        #[arg(long)]
+        target_exclusive: bool,
+        /// Restore this backup instead of the one the planner chooses
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Start as a standby (standby.signal) instead of a recovering primary
+        #[arg(long)]
+        standby: bool,
+        /// Restore even when WAL the target needs is missing
+        #[arg(long)]
+        force: bool,
+        /// Restore into a non-empty directory, keeping files that already match
+        #[arg(long)]
+        delta: bool,
+        /// Files written in parallel
+        #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Restore the tablespace at OLD into NEW (repeatable)
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
+        tablespace_map: Vec<(String, String)>,
     },
     /// Manage the catalog
     Catalog {
@@ -86,6 +157,73 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 print!("{info}");
             }
         }
+        Command::Backup { dbname, pgdata, jobs, fast, archive_timeout, max_rate } => {
+            let opts = walvault::backup::BackupOptions {
+                connection: dbname,
+                pgdata,
+                jobs: usize::from(jobs),
+                fast,
+                archive_timeout: Duration::from_secs(archive_timeout),
+                max_rate,
+                progress: std::io::stderr().is_terminal(),
+            };
+            let report = walvault::backup::backup(&config, &opts)?;
+            for w in &report.warnings {
+                report_warning("walvault", w);
+            }
+            println!("{}", walvault::backup::summary_line(&report));
+        }
+        Command::Restore {
+            pgdata,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            target_timeline,
+            target_action,
+            target_exclusive,
+            backup,
+            standby,
+            force,
+            delta,
+            jobs,
+            tablespace_map,
+        } => {
+            use walvault::restore::{RestoreTarget, TargetAction};
+            let target = match (target_time, target_lsn, target_xid, target_name, target) {
+                (Some(t), ..) => RestoreTarget::Time(t),
+                (_, Some(l), ..) => RestoreTarget::Lsn(l),
+                (_, _, Some(x), ..) => RestoreTarget::Xid(x),
+                (_, _, _, Some(n), _) => RestoreTarget::Name(n),
+                (_, _, _, _, Some(_)) => RestoreTarget::Immediate,
+                _ => RestoreTarget::End,
+            };
+            let target_action = target_action.map(|a| match a.as_str() {
+                "promote" => TargetAction::Promote,
+                "shutdown" => TargetAction::Shutdown,
+                _ => TargetAction::Pause,
+            });
+            let opts = walvault::restore::RestoreOptions {
+                pgdata,
+                target,
+                target_timeline,
+                target_action,
+                target_exclusive,
+                backup,
+                standby,
+                force,
+                delta,
+                jobs: usize::from(jobs),
+                tablespace_map,
+                archive_fetch: None,
+            };
+            let report = walvault::restore::restore(&config, &opts)?;
+            for w in &report.warnings {
+                report_warning("walvault", w);
+            }
+            println!("{}", walvault::restore::summary_line(&report, &opts));
+        }
         Command::Catalog { command: CatalogCommand::Rebuild } => {
             let report = walvault::rebuild::rebuild(&config)?;
             for key in &report.ignored {
@@ -101,6 +239,28 @@ fn run(cli: Cli) -> walvault::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `100M` → 104857600.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.as_bytes().last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n.saturating_mul(mult)),
+        _ => Err(format!("'{s}' is not a rate such as 500k, 100M or 1G")),
+    }
+}
+
+/// `OLD=NEW` → (OLD, NEW), both absolute.
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if old.starts_with('/') && new.starts_with('/') => Ok((old.into(), new.into())),
+        _ => Err(format!("'{s}' is not OLD=NEW with two absolute directories")),
+    }
 }
 
 fn main() {

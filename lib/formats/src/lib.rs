@@ -6,6 +6,8 @@
 //!   history files ([`wal::parse_history`]).
 //! - [`object`]: the envelope every stored object is wrapped in
 //!   ([`object::encode`], [`object::decode`]).
+//! - [`manifest`]: a base backup's [`manifest::Manifest`].
+//! - [`time`]: [`time::Timestamp`], parsed with a required zone.
 //!
 //! ```
 //! use walvault_formats::wal::{WalFileName, WalSegmentSize};
@@ -21,5 +23,7 @@
 //! assert_eq!(header.plain_len, 14);
 //! ```
 
+pub mod manifest;
 pub mod object;
+pub mod time;
 pub mod wal;

@@ -10,8 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::collections::BTreeMap;
+
+use walvault_formats::manifest::{Manifest, Totals};
 use walvault_formats::object::ObjectHeader;
-use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
+use walvault_formats::wal::{
+    ClusterIdentity, HistoryEntry, Lsn, PgVersion, SystemId, TimelineId, WalFileName, WalSegmentSize,
+};
 
 use crate::error::{Error, Result};
 use crate::storage::ObjectMeta;
@@ -39,6 +44,33 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX wal_file_by_position ON wal_file (kind, timeline, segno);
     CREATE INDEX wal_file_by_time ON wal_file (archived_at_ms);",
+    // 2: base backups (a summary of each manifest) and timelines (the
+    // content of each history file).
+    "CREATE TABLE backup (
+        id TEXT PRIMARY KEY,
+        timeline INTEGER NOT NULL,
+        start_lsn INTEGER NOT NULL,
+        stop_lsn INTEGER NOT NULL,
+        start_time_ms INTEGER NOT NULL,
+        stop_time_ms INTEGER NOT NULL,
+        start_wal TEXT NOT NULL,
+        stop_wal TEXT NOT NULL,
+        next_xid TEXT NOT NULL,
+        pg_version INTEGER NOT NULL,
+        files INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        stored_bytes INTEGER NOT NULL,
+        new_bytes INTEGER NOT NULL,
+        new_objects INTEGER NOT NULL,
+        manifest_blake3 TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE timeline_history (
+        timeline INTEGER NOT NULL,
+        parent INTEGER NOT NULL,
+        switch_lsn INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (timeline, parent)
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a writer waits for another's transaction before giving up.
@@ -92,6 +124,55 @@ pub struct CatalogCluster {
     pub repository: String,
     /// Identity.
     pub identity: ClusterIdentity,
+}
+
+/// A base backup, as recorded: the summary of its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRecord {
+    /// Backup identifier.
+    pub id: String,
+    /// Timeline it was taken on.
+    pub timeline: u32,
+    /// `pg_backup_start` LSN.
+    pub start_lsn: Lsn,
+    /// `pg_backup_stop` LSN (consistency point).
+    pub stop_lsn: Lsn,
+    /// Start, ms since the epoch.
+    pub start_time_ms: i64,
+    /// Consistency time, ms since the epoch.
+    pub stop_time_ms: i64,
+    /// First WAL segment needed.
+    pub start_wal: String,
+    /// Last WAL segment needed for consistency.
+    pub stop_wal: String,
+    /// Next full transaction id after the stop.
+    pub next_xid: u64,
+    /// PostgreSQL major version.
+    pub pg_version: u32,
+    /// Sizes from the manifest.
+    pub totals: Totals,
+    /// BLAKE3 of the stored manifest's plaintext, hex.
+    pub manifest_blake3: String,
+}
+
+impl BackupRecord {
+    /// The record of a manifest whose plaintext hashes to `manifest_blake3`.
+    pub fn of_manifest(m: &Manifest, manifest_blake3: &str) -> BackupRecord {
+        BackupRecord {
+            id: m.id.clone(),
+            timeline: m.timeline,
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            start_time_ms: m.start_time_ms,
+            stop_time_ms: m.stop_time_ms,
+            start_wal: m.start_wal.clone(),
+            stop_wal: m.stop_wal.clone(),
+            next_xid: m.next_xid,
+            pg_version: m.pg_version,
+            totals: m.totals,
+            manifest_blake3: manifest_blake3.to_string(),
+        }
+    }
 }
 
 /// A run of consecutive archived segments on one timeline.
@@ -337,6 +418,128 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
+    /// Records a backup (replacing an older record of the same id).
+    pub fn record_backup(&self, b: &BackupRecord) -> Result<()> {
+        insert_backup(&self.conn, b).map_err(|e| self.err(e))
+    }
+
+    /// Every backup, oldest first.
+    pub fn backups(&self) -> Result<Vec<BackupRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, timeline, start_lsn, stop_lsn, start_time_ms, stop_time_ms, start_wal, stop_wal, next_xid,
+                        pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3
+                 FROM backup ORDER BY stop_lsn, id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(BackupRecord {
+                    id: r.get(0)?,
+                    timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    start_lsn: Lsn(to_u64(r.get(2)?)),
+                    stop_lsn: Lsn(to_u64(r.get(3)?)),
+                    start_time_ms: r.get(4)?,
+                    stop_time_ms: r.get(5)?,
+                    start_wal: r.get(6)?,
+                    stop_wal: r.get(7)?,
+                    next_xid: r.get::<_, String>(8)?.parse().unwrap_or(0),
+                    pg_version: u32::try_from(r.get::<_, i64>(9)?).unwrap_or(0),
+                    totals: Totals {
+                        files: to_u64(r.get(10)?),
+                        bytes: to_u64(r.get(11)?),
+                        stored_bytes: to_u64(r.get(12)?),
+                        new_bytes: to_u64(r.get(13)?),
+                        new_objects: to_u64(r.get(14)?),
+                    },
+                    manifest_blake3: r.get(15)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Records the content of timeline `timeline`'s history file.
+    pub fn record_history(&self, timeline: TimelineId, entries: &[HistoryEntry]) -> Result<()> {
+        insert_history(&self.conn, timeline, entries).map_err(|e| self.err(e))
+    }
+
+    /// Every recorded history file: timeline → its entries, in order.
+    pub fn histories(&self) -> Result<BTreeMap<u32, Vec<HistoryEntry>>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT timeline, parent, switch_lsn, reason FROM timeline_history ORDER BY timeline, parent")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: BTreeMap<u32, Vec<HistoryEntry>> = BTreeMap::new();
+        for row in rows {
+            let (tli, parent, lsn, reason) = row.map_err(|e| self.err(e))?;
+            let parent = u32::try_from(parent).ok().and_then(TimelineId::new);
+            let (Ok(tli), Some(parent)) = (u32::try_from(tli), parent) else {
+                return Err(self.err("a timeline_history row is invalid"));
+            };
+            out.entry(tli).or_default().push(HistoryEntry { parent, switch_point: Lsn(to_u64(lsn)), reason });
+        }
+        Ok(out)
+    }
+
+    /// Every archived segment as (timeline, segment number, archive time in
+    /// ms), in timeline and segment order: the planner's view of the WAL.
+    pub fn segments(&self) -> Result<Vec<(u32, u64, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT timeline, segno, archived_at_ms FROM wal_file WHERE kind = 'segment' ORDER BY timeline, segno",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((u32::try_from(r.get::<_, i64>(0)?).unwrap_or(0), to_u64(r.get(1)?), r.get::<_, i64>(2)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Replaces every backup and history record, atomically (catalog
+    /// rebuild). Backups recorded at or after `listed_since_ms` (by their
+    /// stop time) are kept even if absent, like WAL in [`Catalog::replace_all`].
+    pub fn replace_backups(
+        &mut self,
+        backups: &[BackupRecord],
+        histories: &BTreeMap<u32, Vec<HistoryEntry>>,
+        listed_since_ms: i64,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        tx.execute("CREATE TEMP TABLE listed_backup (id TEXT PRIMARY KEY) WITHOUT ROWID", []).map_err(fail)?;
+        {
+            let mut listed = tx.prepare("INSERT INTO temp.listed_backup (id) VALUES (?1)").map_err(fail)?;
+            for b in backups {
+                insert_backup(&tx, b).map_err(fail)?;
+                listed.execute([&b.id]).map_err(fail)?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM backup WHERE stop_time_ms < ?1 AND id NOT IN (SELECT id FROM temp.listed_backup)",
+            [listed_since_ms],
+        )
+        .map_err(fail)?;
+        tx.execute("DROP TABLE temp.listed_backup", []).map_err(fail)?;
+        tx.execute("DELETE FROM timeline_history", []).map_err(fail)?;
+        for (tli, entries) in histories {
+            if let Some(t) = TimelineId::new(*tli) {
+                insert_history(&tx, t, entries).map_err(fail)?;
+            }
+        }
+        tx.commit().map_err(fail)
+    }
+
     /// Every record, in name order (for tests and comparisons).
     pub fn all_wal(&self) -> Result<Vec<WalRecord>> {
         let mut stmt = self
@@ -370,6 +573,44 @@ impl Catalog {
         }
         Ok(out)
     }
+}
+
+fn insert_backup(conn: &Connection, b: &BackupRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO backup (id, timeline, start_lsn, stop_lsn, start_time_ms, stop_time_ms, start_wal,
+            stop_wal, next_xid, pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            b.id,
+            b.timeline,
+            to_i64(b.start_lsn.0),
+            to_i64(b.stop_lsn.0),
+            b.start_time_ms,
+            b.stop_time_ms,
+            b.start_wal,
+            b.stop_wal,
+            b.next_xid.to_string(),
+            b.pg_version,
+            to_i64(b.totals.files),
+            to_i64(b.totals.bytes),
+            to_i64(b.totals.stored_bytes),
+            to_i64(b.totals.new_bytes),
+            to_i64(b.totals.new_objects),
+            b.manifest_blake3,
+        ],
+    )
+    .map(|_| ())
+}
+
+fn insert_history(conn: &Connection, timeline: TimelineId, entries: &[HistoryEntry]) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM timeline_history WHERE timeline = ?1", [timeline.get()])?;
+    for e in entries {
+        conn.execute(
+            "INSERT INTO timeline_history (timeline, parent, switch_lsn, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![timeline.get(), e.parent.get(), to_i64(e.switch_point.0), e.reason],
+        )?;
+    }
+    Ok(())
 }
 
 fn set_cluster(conn: &Connection, c: &CatalogCluster) -> rusqlite::Result<()> {

@@ -168,6 +168,12 @@ pub enum Error {
         /// How many.
         count: usize,
     },
+    /// A base backup failed.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
+    /// A restore failed.
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
     /// A repository URL scheme this build does not support yet.
     #[error("repository '{0}': only local directories are supported")]
     UnsupportedRepository(String),
@@ -229,6 +235,8 @@ impl Error {
             Error::Damaged { .. } => {
                 "move the damaged objects aside (they are listed above), then run the command again".into()
             }
+            Error::Backup(e) => return e.hint(),
+            Error::Restore(e) => return e.hint(),
             Error::NoCatalog(_) => "run 'walvault catalog rebuild' to build it from the repository".into(),
             Error::Catalog { .. } => {
                 "the catalog is only an index: 'walvault catalog rebuild' recreates it from the repository".into()

@@ -8,7 +8,9 @@
 //! - [`storage`]: the [`storage::Storage`] trait and the local backend;
 //! - [`repo`]: the repository layout and cluster identity;
 //! - [`catalog`]: the SQLite index;
-//! - commands: [`push`], [`fetch`], [`info`], [`rebuild`], [`init`].
+//! - [`plan`]: the pure PITR planner;
+//! - commands: [`push`], [`fetch`], [`backup`], [`restore`], [`info`],
+//!   [`rebuild`], [`init`].
 //!
 //! ```
 //! use walvault::config::{Config, Overrides};
@@ -35,6 +37,7 @@
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
+pub mod backup;
 pub mod catalog;
 pub mod config;
 pub mod error;
@@ -42,9 +45,11 @@ pub mod fetch;
 pub mod info;
 pub mod init;
 pub mod pgdata;
+pub mod plan;
 pub mod push;
 pub mod rebuild;
 pub mod repo;
+pub mod restore;
 pub mod storage;
 
 pub use error::{Error, Result};

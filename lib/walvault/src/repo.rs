@@ -6,6 +6,8 @@
 //! <root>/<cluster>/cluster                       identity of the PostgreSQL cluster
 //! <root>/<cluster>/wal/<TTTTTTTTLLLLLLLL>/<name> segments, .partial, .backup files
 //! <root>/<cluster>/wal/history/<TTTTTTTT>.history
+//! <root>/<cluster>/data/<hh>/<blake3>           content-addressed chunks and bundles
+//! <root>/<cluster>/backups/<id>/manifest         one per complete backup, written last
 //! ```
 //!
 //! Every object is an envelope ([`walvault_formats::object`]). A WAL file's
@@ -13,7 +15,8 @@
 //! ever needed on the per-segment path.
 
 use serde::{Deserialize, Serialize};
-use walvault_formats::object::{self, Compression, EncodeOptions};
+use walvault_formats::manifest::{Hash, Manifest};
+use walvault_formats::object::{self, Compression, ContentHash, EncodeOptions};
 use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
 
 use crate::config::validate_cluster_name;
@@ -118,6 +121,126 @@ impl Repository {
             Some(seg) => format!("{}/wal/{}/{name}", self.cluster, seg.timeline_and_log()),
             None => format!("{}/wal/history/{name}", self.cluster),
         }
+    }
+
+    /// The key of the data object (chunk or bundle) whose plaintext hashes
+    /// to `hash`: content-addressed, so equal bytes are stored once.
+    pub fn data_key(&self, hash: &Hash) -> String {
+        let hex = hash.to_string();
+        format!("{}/data/{}/{hex}", self.cluster, &hex[..2])
+    }
+
+    /// The prefix under which all data objects are stored.
+    pub fn data_prefix(&self) -> String {
+        format!("{}/data/", self.cluster)
+    }
+
+    /// The prefix under which backup manifests are stored.
+    pub fn backups_prefix(&self) -> String {
+        format!("{}/backups/", self.cluster)
+    }
+
+    /// The key of backup `id`'s manifest.
+    pub fn manifest_key(&self, id: &str) -> String {
+        format!("{}/backups/{id}/manifest", self.cluster)
+    }
+
+    /// Stores a data object (create-once). `plain` must hash to `hash`.
+    /// Returns the stored size when this call created it, `None` when it
+    /// already existed (another backup stored the same bytes).
+    pub fn put_data(&self, hash: &Hash, plain: &[u8], opts: &EncodeOptions) -> Result<Option<u64>> {
+        let key = self.data_key(hash);
+        let (_, bytes) = object::encode(plain, opts)
+            .map_err(|e| self.storage_err("encode", &key, StorageError::Io { key: key.clone(), source: e }))?;
+        match self.storage.put_new(&key, &bytes).map_err(|e| self.storage_err("store", &key, e))? {
+            PutOutcome::Created(meta) => Ok(Some(meta.size)),
+            PutOutcome::Exists => Ok(None),
+        }
+    }
+
+    /// Whether a data object exists, and its stored size.
+    pub fn head_data(&self, hash: &Hash) -> Result<Option<u64>> {
+        let key = self.data_key(hash);
+        Ok(self.storage.head(&key).map_err(|e| self.storage_err("read", &key, e))?.map(|m| m.size))
+    }
+
+    /// Reads a data object and checks that its plaintext hashes to `hash`.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when the object is damaged or holds other bytes;
+    /// [`Error::Storage`] when it is missing or unreadable.
+    pub fn get_data(&self, hash: &Hash) -> Result<Vec<u8>> {
+        let key = self.data_key(hash);
+        let bytes = self.storage.get(&key).map_err(|e| self.storage_err("read", &key, e))?;
+        let (header, plain) = object::decode(&bytes).map_err(|source| Error::Corrupt {
+            name: key.clone(),
+            repo: self.location(),
+            source,
+        })?;
+        if header.hash != ContentHash::from(*hash) {
+            return Err(Error::Corrupt {
+                name: key,
+                repo: self.location(),
+                source: object::ObjectError::Hash { actual: header.hash, expected: ContentHash::from(*hash) },
+            });
+        }
+        Ok(plain)
+    }
+
+    /// Stores a backup's manifest (create-once): the backup exists from
+    /// this moment. Returns the BLAKE3 of the stored plaintext.
+    pub fn put_manifest(&self, m: &Manifest) -> Result<ContentHash> {
+        let key = self.manifest_key(&m.id);
+        let json = m.to_json();
+        let opts = EncodeOptions { compression: Compression::Zstd, level: 3, workers: 0 };
+        let (header, bytes) = object::encode(&json, &opts)
+            .map_err(|e| self.storage_err("encode", &key, StorageError::Io { key: key.clone(), source: e }))?;
+        match self.storage.put_new(&key, &bytes).map_err(|e| self.storage_err("store", &key, e))? {
+            PutOutcome::Created(_) => Ok(header.hash),
+            PutOutcome::Exists => Err(Error::Metadata {
+                repo: self.location(),
+                key,
+                detail: "a backup with this id already exists".into(),
+            }),
+        }
+    }
+
+    /// Reads and checks backup `id`'s manifest; also returns the BLAKE3 of
+    /// its plaintext.
+    pub fn get_manifest(&self, id: &str) -> Result<(Manifest, ContentHash)> {
+        let key = self.manifest_key(id);
+        let bytes = self.storage.get(&key).map_err(|e| self.storage_err("read", &key, e))?;
+        let (header, plain) = object::decode(&bytes).map_err(|source| Error::Corrupt {
+            name: key.clone(),
+            repo: self.location(),
+            source,
+        })?;
+        let m = Manifest::from_json(&plain).map_err(|e| Error::Metadata {
+            repo: self.location(),
+            key: key.clone(),
+            detail: e.to_string(),
+        })?;
+        if m.id != id || m.cluster != self.cluster {
+            return Err(Error::Metadata {
+                repo: self.location(),
+                key,
+                detail: format!("names backup '{}' of cluster '{}'", m.id, m.cluster),
+            });
+        }
+        Ok((m, header.hash))
+    }
+
+    /// Identifiers of every complete backup (those with a manifest), sorted.
+    pub fn list_backups(&self) -> Result<Vec<String>> {
+        let prefix = self.backups_prefix();
+        let listing = self.storage.list(&prefix).map_err(|e| self.storage_err("list", &prefix, e))?;
+        let mut ids: Vec<String> = listing
+            .iter()
+            .filter_map(|m| m.key.strip_prefix(&prefix)?.strip_suffix("/manifest").map(str::to_string))
+            .filter(|id| !id.contains('/'))
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     fn storage_err(&self, op: &'static str, name: &str, source: StorageError) -> Error {

@@ -1,0 +1,1 @@
+//! The PITR planner (being written).
