@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # walvault quick start: build walvault, archive a live PostgreSQL 15 cluster
-# into a local repository, restore a base backup from that archive into a
-# second cluster, and check that the data came back.
+# into a local repository, take a base backup with `walvault backup`, drop a
+# table by accident, and bring it back with a point-in-time restore
+# (`walvault restore --target-time`) into a second cluster.
 #
 #   bash scripts/quickstart.sh            run it; keep the demo directory
 #   bash scripts/quickstart.sh --clean    run it; remove the demo directory at the end
 #
 # Run as root on a Debian 12 machine (fresh or not). PostgreSQL runs as the
 # `postgres` OS user, exactly as it would in production: archive_command =
-# 'archive-push %p' and restore_command = 'archive-fetch %f %p' come unchanged
-# from pg-config-examples/. Both clusters listen only on a unix socket inside
+# 'archive-push %p' comes unchanged from pg-config-examples/, restore_command
+# is written by `walvault restore`. Both clusters listen only on a unix socket inside
 # the demo directory, so they never clash with another PostgreSQL.
 #
 # Environment:
@@ -152,20 +153,29 @@ as_pg walvault init --pgdata "$DEMO/primary"
 step "starting the primary (PATH=$DEMO/bin:... WALVAULT_CONFIG=$DEMO/walvault.toml)"
 as_pg pg_ctl -D "$DEMO/primary" -l "$DEMO/primary.log" -w -t 120 start >/dev/null
 
-step "taking a base backup (pg_basebackup -X none: its WAL comes from the archive)"
-as_pg pg_basebackup -h "$DEMO/run" -p "$PRIMARY_PORT" -D "$DEMO/restored" -X none -c fast
-echo "base backup in $DEMO/restored"
-
-step "writing data after the backup: pgbench -i -s 5, then 10 s of pgbench"
+step "writing data: pgbench -i -s 5 and a table of orders"
 as_pg pgbench -h "$DEMO/run" -p "$PRIMARY_PORT" -i -s 5 -q postgres 2>&1 | tail -n 1
-as_pg pgbench -h "$DEMO/run" -p "$PRIMARY_PORT" -c 4 -j 2 -T 10 postgres 2>&1 | grep -E '^(number of transactions actually processed|tps)' || true
-psql_at "$PRIMARY_PORT" "CREATE TABLE quickstart_check AS
+psql_at "$PRIMARY_PORT" "CREATE TABLE orders AS
     SELECT g AS id, md5(g::text) AS payload FROM generate_series(1, 100000) AS g"
 
-CHECKSUM_SQL="SELECT (SELECT md5(string_agg(id || ':' || payload, ',' ORDER BY id)) FROM quickstart_check)
-    || ' accounts=' || (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts)
-    || ' history=' || (SELECT count(*) FROM pgbench_history)"
-primary_sum=$(psql_at "$PRIMARY_PORT" "$CHECKSUM_SQL")
+step "walvault backup --fast (a base backup of the running primary)"
+as_pg env PGHOST="$DEMO/run" PGPORT="$PRIMARY_PORT" PGUSER=postgres PGDATABASE=postgres walvault backup --fast
+
+step "more work after the backup: 10 s of pgbench and more orders"
+as_pg pgbench -h "$DEMO/run" -p "$PRIMARY_PORT" -c 4 -j 2 -T 10 postgres 2>&1 | grep -E '^(number of transactions actually processed|tps)' || true
+psql_at "$PRIMARY_PORT" "INSERT INTO orders SELECT g, 'late ' || md5(g::text) FROM generate_series(100001, 120000) AS g"
+
+CHECKSUM_SQL="SELECT (SELECT count(*) || ' orders, md5 ' || md5(string_agg(id || ':' || payload, ',' ORDER BY id)) FROM orders)
+    || ', accounts ' || (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts)
+    || ', history ' || (SELECT count(*) FROM pgbench_history)"
+before_sum=$(psql_at "$PRIMARY_PORT" "$CHECKSUM_SQL")
+before_time=$(psql_at "$PRIMARY_PORT" "SELECT clock_timestamp()")
+echo "at $before_time: $before_sum"
+sleep 1
+
+step "the accident: DROP TABLE orders (and the application keeps writing)"
+psql_at "$PRIMARY_PORT" "DROP TABLE orders"
+as_pg pgbench -h "$DEMO/run" -p "$PRIMARY_PORT" -c 2 -T 3 postgres >/dev/null 2>&1
 
 step "switching to a new WAL segment and waiting until the old one is archived"
 last_segment=$(psql_at "$PRIMARY_PORT" "SELECT pg_walfile_name(pg_switch_wal())")
@@ -181,27 +191,22 @@ psql_at "$PRIMARY_PORT" "SELECT 'pg_stat_archiver: archived_count=' || archived_
     || ' failed_count=' || failed_count FROM pg_stat_archiver"
 [[ ! $archived < $last_segment ]] || die "$last_segment was not archived within 60 s (see $DEMO/primary.log)"
 
-step "stopping the primary"
-stop_cluster "$DEMO/primary"
+step "walvault info (backups and the recoverable window)"
+as_pg walvault info
 
 # ---------------------------------------------------------------------------
-step "restoring: the base backup + pg-config-examples/restore.conf + recovery.signal (port $RESTORED_PORT)"
-as_pg cp "$SRC/pg-config-examples/restore.conf" "$DEMO/restored/restore.conf"
-# A test restore must not archive into the primary's cluster name: after
-# promotion it would publish a timeline 2 that later recoveries
-# (recovery_target_timeline = 'latest') would follow.
+step "walvault restore --target-time '$before_time' (the moment before the DROP)"
+as_pg walvault restore --pgdata "$DEMO/restored" --target-time "$before_time" --target-action promote
+# The restored copy listens elsewhere and, being a copy, does not archive:
+# after promotion it would publish a timeline 2 into the primary's archive.
 as_pg tee "$DEMO/restored/quickstart.conf" >/dev/null <<EOF
 listen_addresses = ''
 port = $RESTORED_PORT
 unix_socket_directories = '$DEMO/run'
 archive_mode = off
 EOF
-as_pg tee -a "$DEMO/restored/postgresql.conf" >/dev/null <<EOF
-include 'restore.conf'
-EOF
-as_pg touch "$DEMO/restored/recovery.signal"
-echo "recovery settings (pg-config-examples/restore.conf):"
-grep -v '^#' "$DEMO/restored/restore.conf" | sed 's/^/    /'
+echo "recovery settings written by walvault restore (postgresql.auto.conf):"
+grep -E '^(restore_command|recovery_target)' "$DEMO/restored/postgresql.auto.conf" | sed 's/^/    /'
 as_pg pg_ctl -D "$DEMO/restored" -l "$DEMO/restored.log" -w -t 120 start >/dev/null
 
 echo "waiting for the end of recovery"
@@ -213,23 +218,21 @@ done
 [[ $in_recovery == f ]] || die "the restored cluster is still in recovery after 120 s (see $DEMO/restored.log)"
 restored_files=$(grep -o 'restored log file "[^"]*"' "$DEMO/restored.log" | sort -u | wc -l)
 echo "recovery complete: archive-fetch restored $restored_files WAL files;" \
-    "$(grep -oE 'selected new timeline ID: [0-9]+' "$DEMO/restored.log" | tail -n 1 || true)"
+    "$(grep -oE 'recovery stopping before [^,]*' "$DEMO/restored.log" | tail -n 1 || true)"
 
-step "comparing the data"
+step "comparing the data with the moment before the accident"
 restored_sum=$(psql_at "$RESTORED_PORT" "$CHECKSUM_SQL")
-echo "primary:  $primary_sum"
-echo "restored: $restored_sum"
-[[ $primary_sum == "$restored_sum" ]] || die "the restored data differs from the primary's"
-echo "identical"
+echo "before the DROP: $before_sum"
+echo "restored:        $restored_sum"
+[[ $before_sum == "$restored_sum" ]] || die "the restored data differs from the data before the DROP"
+echo "identical: the dropped table is back"
 
-step "walvault info"
-as_pg walvault info
-
-step "stopping the restored cluster"
+step "stopping the clusters"
+stop_cluster "$DEMO/primary"
 stop_cluster "$DEMO/restored"
 
 # ---------------------------------------------------------------------------
-step "done: archive-push, archive-fetch and a restore from the archive all worked"
+step "done: archiving, a base backup and a point-in-time restore brought the dropped table back"
 if $clean; then
     rm -rf "$DEMO"
     echo "removed $DEMO"

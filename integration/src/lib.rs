@@ -811,6 +811,35 @@ impl Walvault {
         self.walvault(&[OsStr::new("init"), OsStr::new("--pgdata"), pgdata.as_os_str()])
     }
 
+    /// `walvault backup ARGS…` against the server `pg`, connected through the
+    /// libpq environment variables (`PGHOST` = its socket directory, `PGPORT`,
+    /// `PGUSER`, `PGDATABASE`), as a cron job would run it. Not judged.
+    pub fn backup(&self, pg: &PgCluster, args: &[&str]) -> Cmd {
+        let mut cmd = self.command("walvault");
+        cmd.env("PGHOST", pg.sockdir())
+            .env("PGPORT", pg.port().to_string())
+            .env("PGUSER", superuser())
+            .env("PGDATABASE", "postgres")
+            .arg("backup")
+            .args(args);
+        as_pg_user(&mut cmd);
+        run_with_timeout(cmd, Duration::from_secs(900))
+    }
+
+    /// `walvault restore --pgdata PGDATA ARGS…`. Not judged.
+    pub fn restore(&self, pgdata: &Path, args: &[&str]) -> Cmd {
+        let mut cmd = self.command("walvault");
+        cmd.arg("restore").arg("--pgdata").arg(pgdata).args(args);
+        as_pg_user(&mut cmd);
+        run_with_timeout(cmd, Duration::from_secs(900))
+    }
+
+    /// The identifiers of the backups `info --json` lists, oldest first.
+    pub fn backup_ids(&self) -> Vec<String> {
+        let info = self.info_json();
+        info["backups"].as_array().map(|a| a.iter().map(|b| json_text(&b["id"])).collect()).unwrap_or_default()
+    }
+
     /// `walvault info --json`, parsed; panics when it fails or prints
     /// something that is not JSON.
     pub fn info_json(&self) -> serde_json::Value {
@@ -1165,6 +1194,26 @@ impl PgCluster {
             );
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Waits until a restored server has replayed to its target and paused
+    /// (`recovery_target_action = 'pause'`): it then answers read-only
+    /// queries on the state at the target.
+    pub fn wait_paused_at_target(&self, timeout: Duration) {
+        wait_until(timeout, &format!("cluster {} to pause at its recovery target", self.name), || {
+            let out = self.try_psql("SELECT pg_get_wal_replay_pause_state()");
+            assert!(self.server_alive(), "cluster {} stopped during recovery\n{}", self.name, self.log_tail(40));
+            out.success() && out.stdout.trim() == "paused"
+        });
+    }
+
+    /// Waits until a restored server has finished recovery and accepts writes.
+    pub fn wait_promoted(&self, timeout: Duration) {
+        wait_until(timeout, &format!("cluster {} to finish recovery", self.name), || {
+            let out = self.try_psql("SELECT pg_is_in_recovery()");
+            assert!(self.server_alive(), "cluster {} stopped during recovery\n{}", self.name, self.log_tail(40));
+            out.success() && out.stdout.trim() == "f"
+        });
     }
 
     /// The names of the files in `pg_wal/archive_status` that end in `.done`

@@ -232,7 +232,12 @@ fn run(cli: Cli) -> walvault::Result<()> {
             for d in &report.damaged {
                 report_warning("walvault", &format!("not indexed, damaged header: {d}"));
             }
-            println!("catalog '{}' rebuilt: {} WAL files indexed", config.catalog.display(), report.wal_files);
+            println!(
+                "catalog '{}' rebuilt: {} WAL files and {} backups indexed",
+                config.catalog.display(),
+                report.wal_files,
+                report.backups
+            );
             if !report.damaged.is_empty() {
                 return Err(walvault::Error::Damaged { repo: config.repository, count: report.damaged.len() });
             }

@@ -1,9 +1,11 @@
 //! `walvault info`: what the archive holds, from the catalog.
 
 use serde::Serialize;
-use walvault_formats::wal::{SegmentName, SegmentNo, TimelineId};
+use walvault_formats::time::Timestamp;
+use walvault_formats::wal::{SegmentName, SegmentNo, TimelineId, WalSegmentSize};
 
 use crate::catalog::Catalog;
+use crate::plan::{self, ArchiveState, ArchivedSegment, BackupPoint};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -26,6 +28,76 @@ pub struct Info {
     pub backup_history_files: Vec<String>,
     /// The most recently archived file.
     pub newest: Option<Newest>,
+    /// Base backups, oldest first.
+    pub backups: Vec<BackupSummary>,
+    /// Per timeline, the span of moments a restore can reach.
+    pub recoverable: Vec<RecoverableWindow>,
+}
+
+/// One base backup.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackupSummary {
+    /// Identifier (for `restore --backup`).
+    pub id: String,
+    /// Timeline it was taken on.
+    pub timeline: u32,
+    /// When it started (`2026-11-21 14:30:00.123+00`).
+    pub start_time: String,
+    /// When it became consistent: the earliest moment it restores to.
+    pub stop_time: String,
+    /// Start LSN.
+    pub start_lsn: String,
+    /// Stop LSN.
+    pub stop_lsn: String,
+    /// Regular files.
+    pub files: u64,
+    /// Bytes of the data directory (what a restore writes).
+    pub size: u64,
+    /// Stored bytes of every object it refers to (shared ones included).
+    pub stored_size: u64,
+    /// Stored bytes this backup added to the repository.
+    pub new_bytes: u64,
+}
+
+/// The moments a restore can reach on one timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecoverableWindow {
+    /// The timeline.
+    pub timeline: u32,
+    /// Earliest reachable moment (the oldest usable backup's consistency time).
+    pub earliest: String,
+    /// Latest reachable moment (archive time of the last segment of an
+    /// unbroken chain of WAL).
+    pub latest: String,
+    /// Earliest reachable LSN.
+    pub earliest_lsn: String,
+    /// End of the unbroken WAL.
+    pub latest_lsn: String,
+    /// The backup the window starts from.
+    pub from_backup: String,
+}
+
+/// The planner's view of the archive, from the catalog: backups, every
+/// segment with its archive time, and the timeline histories.
+pub fn archive_state(catalog: &Catalog, segment_size: WalSegmentSize) -> Result<ArchiveState> {
+    let backups = catalog
+        .backups()?
+        .into_iter()
+        .map(|b| BackupPoint {
+            id: b.id,
+            timeline: b.timeline,
+            start_lsn: b.start_lsn,
+            stop_lsn: b.stop_lsn,
+            stop_time_us: b.stop_time_ms.saturating_mul(1000),
+            next_xid: b.next_xid,
+        })
+        .collect();
+    let segments = catalog
+        .segments()?
+        .into_iter()
+        .map(|(timeline, segno, at_ms)| ArchivedSegment { timeline, segno, archived_at_us: at_ms.saturating_mul(1000) })
+        .collect();
+    Ok(ArchiveState { segment_size, backups, segments, histories: catalog.histories()? })
 }
 
 /// Identity of the cluster.
@@ -144,7 +216,36 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
         archived_at: format_utc(at),
         age_seconds: (now_ms - at).max(0) / 1000,
     });
+    let backups = catalog
+        .backups()?
+        .into_iter()
+        .map(|b| BackupSummary {
+            start_time: Timestamp::from_ms(b.start_time_ms).to_string(),
+            stop_time: Timestamp::from_ms(b.stop_time_ms).to_string(),
+            start_lsn: b.start_lsn.to_string(),
+            stop_lsn: b.stop_lsn.to_string(),
+            id: b.id,
+            timeline: b.timeline,
+            files: b.totals.files,
+            size: b.totals.bytes,
+            stored_size: b.totals.stored_bytes,
+            new_bytes: b.totals.new_bytes,
+        })
+        .collect();
+    let recoverable = plan::windows(&archive_state(&catalog, size)?)
+        .into_iter()
+        .map(|w| RecoverableWindow {
+            timeline: w.timeline,
+            earliest: Timestamp(w.earliest_us).to_string(),
+            latest: Timestamp(w.latest_us).to_string(),
+            earliest_lsn: w.earliest_lsn.to_string(),
+            latest_lsn: w.latest_lsn.to_string(),
+            from_backup: w.from_backup,
+        })
+        .collect();
     Ok(Info {
+        backups,
+        recoverable,
         cluster: ClusterReport {
             name: cluster.name,
             system_identifier: cluster.identity.system_id.to_string(),
@@ -169,7 +270,8 @@ fn prev_last_segno(name: &str, size: walvault_formats::wal::WalSegmentSize) -> u
         .map_or(0, |s| s.0)
 }
 
-fn human_bytes(b: u64) -> String {
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -230,9 +332,38 @@ impl std::fmt::Display for Info {
             writeln!(f, "backup history files: {}", self.backup_history_files.len())?;
         }
         match &self.newest {
-            Some(n) => writeln!(f, "newest: {}, archived {} ({})", n.name, n.archived_at, human_age(n.age_seconds)),
-            None => writeln!(f, "newest: nothing archived"),
+            Some(n) => writeln!(f, "newest: {}, archived {} ({})", n.name, n.archived_at, human_age(n.age_seconds))?,
+            None => writeln!(f, "newest: nothing archived")?,
         }
+        if self.backups.is_empty() {
+            writeln!(f, "no base backups yet: run 'walvault backup'")?;
+        } else {
+            writeln!(f, "backups:")?;
+        }
+        for b in &self.backups {
+            writeln!(
+                f,
+                "  {}  timeline {}  {} .. {}  LSN {} .. {}  {} in {} files, {} stored, {} new",
+                b.id,
+                b.timeline,
+                b.start_time,
+                b.stop_time,
+                b.start_lsn,
+                b.stop_lsn,
+                human_bytes(b.size),
+                b.files,
+                human_bytes(b.stored_size),
+                human_bytes(b.new_bytes)
+            )?;
+        }
+        for w in &self.recoverable {
+            writeln!(
+                f,
+                "recoverable on timeline {}: {} .. {}  (LSN {} .. {}, from backup {})",
+                w.timeline, w.earliest, w.latest, w.earliest_lsn, w.latest_lsn, w.from_backup
+            )?;
+        }
+        Ok(())
     }
 }
 

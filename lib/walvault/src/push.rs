@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use walvault_formats::object::{self, ContentHash, EncodeOptions};
-use walvault_formats::wal::{SegmentError, WalFileName, parse_history, validate_segment};
+use walvault_formats::wal::{HistoryEntry, SegmentError, TimelineId, WalFileName, parse_history, validate_segment};
 
 use crate::catalog::{Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
@@ -116,6 +116,12 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
             _ => storage_err("compress", StorageError::Io { key: key.clone(), source: e }),
         })?;
     validate(&name, &bytes, &cluster)?;
+    // A history file is also indexed by content: the planner follows
+    // timelines through the catalog.
+    let history = match name {
+        WalFileName::History(tli) => parse_history(&bytes).ok().map(|entries| (tli, entries)),
+        _ => None,
+    };
     let outcome = repo.storage().put_new(&key, &stored).map_err(|e| storage_err("store", e))?;
     let mut warnings = Vec::new();
     let meta = match outcome {
@@ -126,7 +132,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
                 // catalog write failed.
                 if let Ok(Some(meta)) = repo.storage().head(&key) {
                     let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
-                    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
+                    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record, history.as_ref()) {
                         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
                     }
                 }
@@ -150,7 +156,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     // The file is durable: from here on nothing may fail the push. The
     // catalog is an index that `catalog rebuild` can always recreate.
     let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
-    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record) {
+    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record, history.as_ref()) {
         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
     }
     Ok(PushOutcome { status: PushStatus::Stored, warnings })
@@ -193,12 +199,21 @@ fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &Conte
     })
 }
 
-fn record_in_catalog(config: &Config, repo: &Repository, cluster: &ClusterInfo, record: &WalRecord) -> Result<()> {
+fn record_in_catalog(
+    config: &Config,
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    record: &WalRecord,
+    history: Option<&(TimelineId, Vec<HistoryEntry>)>,
+) -> Result<()> {
     let catalog = Catalog::open(&config.catalog)?;
     catalog.bind(&CatalogCluster {
         name: cluster.name.clone(),
         repository: repo.location(),
         identity: cluster.identity,
     })?;
+    if let Some((tli, entries)) = history {
+        catalog.record_history(*tli, entries)?;
+    }
     catalog.record_wal(record)
 }

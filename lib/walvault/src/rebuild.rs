@@ -1,11 +1,14 @@
 //! `walvault catalog rebuild`: the catalog recreated from the repository
 //! alone. Reads one listing and the header of every WAL object (a ranged
-//! read: no payload), so it costs little even for a large archive.
+//! read: no payload), so it costs little even for a large archive; then
+//! every history file (tiny) and every backup manifest.
+
+use std::collections::BTreeMap;
 
 use walvault_formats::object::{self, HEADER_LEN};
-use walvault_formats::wal::WalFileName;
+use walvault_formats::wal::{WalFileName, parse_history};
 
-use crate::catalog::{Catalog, CatalogCluster, WalRecord};
+use crate::catalog::{BackupRecord, Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repo::{Repository, now_ms};
@@ -19,6 +22,8 @@ pub struct RebuildReport {
     pub ignored: Vec<String>,
     /// WAL objects whose header is damaged (not indexed), with the reason.
     pub damaged: Vec<String>,
+    /// Backups indexed.
+    pub backups: usize,
 }
 
 /// Rebuilds the catalog at `config.catalog` from the repository.
@@ -62,10 +67,36 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
         };
         records.push(WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta));
     }
+    let mut histories = BTreeMap::new();
+    for r in &records {
+        if let WalFileName::History(tli) = r.name {
+            let key = repo.wal_key(&r.name);
+            let entries = repo
+                .storage()
+                .get(&key)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| object::decode(&bytes).map_err(|e| e.to_string()))
+                .and_then(|(_, plain)| parse_history(&plain).map_err(|e| e.to_string()));
+            match entries {
+                Ok(entries) => {
+                    histories.insert(tli.get(), entries);
+                }
+                Err(e) => damaged.push(format!("{key}: {e}")),
+            }
+        }
+    }
+    let mut backups = Vec::new();
+    for id in repo.list_backups()? {
+        match repo.get_manifest(&id) {
+            Ok((m, hash)) => backups.push(BackupRecord::of_manifest(&m, &hash.to_string())),
+            Err(e) => damaged.push(format!("{}: {e}", repo.manifest_key(&id))),
+        }
+    }
     let mut catalog = Catalog::open(&config.catalog)?;
     let bound = CatalogCluster { name: cluster.name, repository: repo.location(), identity: cluster.identity };
     catalog.replace_all(&bound, &records, started)?;
-    Ok(RebuildReport { wal_files: records.len(), ignored, damaged })
+    catalog.replace_backups(&backups, &histories, started)?;
+    Ok(RebuildReport { wal_files: records.len(), ignored, damaged, backups: backups.len() })
 }
 
 #[cfg(test)]
