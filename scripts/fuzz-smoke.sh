@@ -22,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARGO_FUZZ_VERSION=0.13.2
 seconds=${FUZZ_SECONDS:-15}
 sanitizer=${FUZZ_SANITIZER:-none}
-all_targets=(wal_file_name lsn segment_header history object_decode)
+all_targets=(wal_file_name lsn segment_header history object_decode manifest timestamp)
 if [[ $# -gt 0 ]]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 log_dir=fuzz/target/fuzz-smoke-logs
 

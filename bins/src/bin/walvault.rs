@@ -160,6 +160,7 @@ fn run(cli: Cli) -> walvault::Result<()> {
         Command::Backup { dbname, pgdata, jobs, fast, archive_timeout, max_rate } => {
             let opts = walvault::backup::BackupOptions {
                 connection: dbname,
+                env: walvault::backup::PgEnv::from_process(),
                 pgdata,
                 jobs: usize::from(jobs),
                 fast,
