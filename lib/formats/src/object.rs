@@ -266,6 +266,25 @@ pub fn encode(plain: &[u8], opts: &EncodeOptions) -> Result<(ObjectHeader, Vec<u
     Ok(assemble(opts.compression, plain.len(), hash, &payload?))
 }
 
+/// Encodes `plain` whose BLAKE3 the caller has already computed (a
+/// content-addressed writer hashes first to name the object, and must not
+/// pay for hashing twice). Compresses on the calling thread unless
+/// `opts.workers` asks for more.
+///
+/// The caller vouches for `hash`: readers verify it against the decoded
+/// plaintext, so a wrong hash yields an object that fails every read.
+pub fn encode_hashed(
+    plain: &[u8],
+    hash: ContentHash,
+    opts: &EncodeOptions,
+) -> Result<(ObjectHeader, Vec<u8>), std::io::Error> {
+    if plain.len() as u64 > MAX_PLAIN_LEN {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "object larger than 1 GiB"));
+    }
+    let payload = compress(plain, opts)?;
+    Ok(assemble(opts.compression, plain.len(), hash, &payload))
+}
+
 /// The header for a payload, and the stored object: header then payload.
 fn assemble(compression: Compression, plain_len: usize, hash: ContentHash, payload: &[u8]) -> (ObjectHeader, Vec<u8>) {
     let header = ObjectHeader {
@@ -631,6 +650,19 @@ fn decompress_exact(payload: &[u8], limit: usize) -> Result<Vec<u8>, ObjectError
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn encode_hashed_equals_encode() {
+        let plain = b"the same bytes, hashed by the caller".repeat(1000);
+        let opts = EncodeOptions::default();
+        let (h1, a) = encode(&plain, &opts).unwrap();
+        let (h2, b) = encode_hashed(&plain, ContentHash::of(&plain), &opts).unwrap();
+        assert_eq!((h1, a), (h2, b.clone()));
+        assert_eq!(decode(&b).unwrap().1, plain);
+        // A wrong hash is caught by every reader.
+        let (_, bad) = encode_hashed(&plain, ContentHash::of(b"other"), &opts).unwrap();
+        assert!(matches!(decode(&bad), Err(ObjectError::Hash { .. })));
+    }
     use proptest::prelude::*;
 
     fn sample() -> Vec<u8> {

@@ -150,7 +150,7 @@ impl Repository {
     /// already existed (another backup stored the same bytes).
     pub fn put_data(&self, hash: &Hash, plain: &[u8], opts: &EncodeOptions) -> Result<Option<u64>> {
         let key = self.data_key(hash);
-        let (_, bytes) = object::encode(plain, opts)
+        let (_, bytes) = object::encode_hashed(plain, ContentHash::from(*hash), opts)
             .map_err(|e| self.storage_err("encode", &key, StorageError::Io { key: key.clone(), source: e }))?;
         match self.storage.put_new(&key, &bytes).map_err(|e| self.storage_err("store", &key, e))? {
             PutOutcome::Created(meta) => Ok(Some(meta.size)),
