@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use walvault_integration::{Config, PgCluster, TestDir, Walvault, table_checksum};
+use walvault_integration::{Config, PgCluster, TestDir, Walvault, json_text, table_checksum};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -187,10 +187,10 @@ fn a_promoted_restore_archives_a_new_timeline_that_restores_too() {
 
     let info = wv.info_json();
     let history: Vec<String> =
-        info["history_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        info["history_files"].as_array().expect("history_files is a list").iter().map(json_text).collect();
     assert_eq!(history, ["00000002.history"], "{info:#}");
     assert!(
-        info["recoverable"].as_array().unwrap().iter().any(|w| w["timeline"] == 2),
+        info["recoverable"].as_array().expect("recoverable is a list").iter().any(|w| w["timeline"] == 2),
         "timeline 2 has a recoverable window: {info:#}"
     );
 

@@ -5,9 +5,9 @@ use walvault_formats::time::Timestamp;
 use walvault_formats::wal::{SegmentName, SegmentNo, TimelineId, WalSegmentSize};
 
 use crate::catalog::Catalog;
-use crate::plan::{self, ArchiveState, ArchivedSegment, BackupPoint};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::plan::{self, ArchiveState, ArchivedSegment, BackupPoint};
 
 /// The whole report; serialized as-is for `--json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
