@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use walvault_integration::{Config, PgCluster, TestDir, Walvault, json_text, table_checksum};
+use walvault_integration::{Config, PgCluster, TestDir, Walvault, json_text, table_checksum, without_age};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -204,7 +204,21 @@ fn a_promoted_restore_archives_a_new_timeline_that_restores_too() {
     );
     assert_eq!(state(&pg), on_tl2.state, "a point on timeline 2");
     pg.stop();
-    // The end of the archive along the latest timeline is timeline 2's end.
+    // The catalog is only an index: rebuilt from the repository alone it
+    // holds the same backups, timelines and windows.
+    let remove_catalog = || {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(td.join(format!("catalog.db{suffix}")));
+        }
+        assert!(!td.join("catalog.db").exists());
+    };
+    remove_catalog();
+    wv.walvault(&["catalog", "rebuild"]).expect_success("catalog rebuild");
+    assert_eq!(without_age(&wv.info_json()), without_age(&info), "info after a rebuild");
+
+    // A restore host without a catalog still restores (it rebuilds one). The
+    // end of the archive along the latest timeline is timeline 2's end.
+    remove_catalog();
     let (mut pg, _) = restore_and_start(&td, &wv, "tl2_latest", &["--target-timeline", "latest"], false);
     assert_eq!(state(&pg), at_tl2_end, "end of the latest timeline");
     pg.stop();
