@@ -1255,6 +1255,38 @@ impl Drop for PgCluster {
 // Small helpers
 // ---------------------------------------------------------------------------
 
+/// A started primary named `name` that archives through
+/// `pg-config-examples/archive.conf` (no timed WAL switches, no early
+/// recycling), its repository bound with `walvault init` while it runs.
+pub fn archiving_primary(td: &TestDir, wv: &Walvault, name: &str) -> PgCluster {
+    let mut pg = PgCluster::initdb(td, name, &[]);
+    pg.include_example("archive.conf");
+    pg.append_conf("max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\narchive_timeout = 0");
+    pg.start(&wv.server_env());
+    wv.init(pg.datadir()).expect_success("walvault init (server running)");
+    pg
+}
+
+/// `walvault restore --pgdata <td>/<tag> ARGS…`, then starts the restored
+/// server without archiving (a test restore must not publish timelines into
+/// the archive) and waits until recovery has paused at its target (`paused`,
+/// for `--target-action pause`) or finished. Returns the server and what
+/// restore printed.
+pub fn restore_and_start(td: &TestDir, wv: &Walvault, tag: &str, args: &[&str], paused: bool) -> (PgCluster, String) {
+    let dir = td.join(tag);
+    let out = wv.restore(&dir, args).expect_success(&format!("walvault restore {args:?}"));
+    let mut pg = PgCluster::existing(td, tag, &dir);
+    pg.append_conf("archive_mode = off");
+    pg.start(&wv.server_env());
+    let timeout = Duration::from_secs(300);
+    if paused {
+        pg.wait_paused_at_target(timeout);
+    } else {
+        pg.wait_promoted(timeout);
+    }
+    (pg, out.stdout)
+}
+
 /// Polls `condition` every 100 ms until it returns true; panics after
 /// `timeout` naming `what` was awaited.
 #[track_caller]

@@ -6,18 +6,11 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use walvault_integration::{Config, PgCluster, TestDir, Walvault, flip_byte, object_path, table_checksum};
+use walvault_integration::{
+    Config, PgCluster, TestDir, Walvault, archiving_primary, flip_byte, object_path, table_checksum,
+};
 
 const LONG: Duration = Duration::from_secs(300);
-
-fn archiving_primary(td: &TestDir, wv: &Walvault) -> PgCluster {
-    let mut pg = PgCluster::initdb(td, "primary", &[]);
-    pg.include_example("archive.conf");
-    pg.append_conf("max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\narchive_timeout = 0");
-    pg.start(&wv.server_env());
-    wv.init(pg.datadir()).expect_success("walvault init");
-    pg
-}
 
 fn dir_is_empty_or_absent(dir: &Path) -> bool {
     fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
@@ -47,7 +40,7 @@ fn restore_refuses_bad_targets_and_directories_and_stops_on_corruption() {
     let repo = td.join("repo");
     let config = Config::new(&repo, td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     primary.pgbench(&["-i", "-s", "2", "-q"]);
     wv.backup(&primary, &["--fast"]).expect_success("backup");
     primary.pgbench(&["-n", "-t", "200"]);
@@ -130,7 +123,7 @@ fn a_failed_backup_leaves_nothing_behind_and_the_next_one_works() {
     let td = TestDir::new();
     let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     primary.pgbench(&["-i", "-s", "3", "-q"]);
 
     // 1. The connection dies half-way (a DBA's pg_terminate_backend, a

@@ -5,18 +5,12 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use walvault_integration::{Config, PgCluster, TestDir, Walvault, chown_to_pg_user, json_text, table_checksum};
+use walvault_integration::{
+    Config, PgCluster, TestDir, Walvault, archiving_primary, chown_to_pg_user, json_text, restore_and_start,
+    table_checksum,
+};
 
 const LONG: Duration = Duration::from_secs(300);
-
-fn archiving_primary(td: &TestDir, wv: &Walvault) -> PgCluster {
-    let mut pg = PgCluster::initdb(td, "primary", &[]);
-    pg.include_example("archive.conf");
-    pg.append_conf("max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\narchive_timeout = 0");
-    pg.start(&wv.server_env());
-    wv.init(pg.datadir()).expect_success("walvault init");
-    pg
-}
 
 fn accounts(pg: &PgCluster) -> String {
     table_checksum(pg, "pgbench_accounts", "aid")
@@ -34,24 +28,12 @@ fn number(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("{v} is not a number"))
 }
 
-/// Restores `args` into `<td>/<tag>`, starts it without archiving, waits for
-/// the end of recovery.
-fn restore_and_start(td: &TestDir, wv: &Walvault, tag: &str, args: &[&str]) -> PgCluster {
-    let dir = td.join(tag);
-    wv.restore(&dir, args).expect_success(&format!("walvault restore {args:?}"));
-    let mut pg = PgCluster::existing(td, tag, &dir);
-    pg.append_conf("archive_mode = off");
-    pg.start(&wv.server_env());
-    pg.wait_promoted(LONG);
-    pg
-}
-
 #[test]
 fn a_second_backup_stores_only_what_changed_and_both_restore() {
     let td = TestDir::new();
     let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     primary.pgbench(&["-i", "-s", "5", "-q"]);
     primary.psql("VACUUM FREEZE");
     primary.psql("CHECKPOINT");
@@ -80,19 +62,21 @@ fn a_second_backup_stores_only_what_changed_and_both_restore() {
     assert!(number(&second["size"]) > 60 << 20, "both backups cover the whole cluster: {second:#}");
 
     // Each backup restores on its own, to the state it was taken in.
-    let mut pg = restore_and_start(
+    let (mut pg, _) = restore_and_start(
         &td,
         &wv,
         "first",
         &["--backup", &ids[0], "--target", "immediate", "--target-action", "promote"],
+        false,
     );
     assert_eq!(accounts(&pg), first_state, "first backup");
     pg.stop();
-    let mut pg = restore_and_start(
+    let (mut pg, _) = restore_and_start(
         &td,
         &wv,
         "second",
         &["--backup", &ids[1], "--target", "immediate", "--target-action", "promote"],
+        false,
     );
     assert_eq!(accounts(&pg), second_state, "second backup");
     pg.stop();
@@ -113,7 +97,7 @@ fn tablespaces_restore_relocated_and_in_place() {
     let td = TestDir::new();
     let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     let original = td.join("ts_original");
     make_pg_dir(&original);
     primary.psql(&format!("CREATE TABLESPACE ts LOCATION '{}'", original.display()));
@@ -128,7 +112,7 @@ fn tablespaces_restore_relocated_and_in_place() {
     // Relocated, while the original is still in use by the primary.
     let relocated = td.join("ts_relocated");
     let map = format!("{}={}", original.display(), relocated.display());
-    let mut pg = restore_and_start(&td, &wv, "relocated", &["--tablespace-map", &map]);
+    let (mut pg, _) = restore_and_start(&td, &wv, "relocated", &["--tablespace-map", &map], false);
     assert_eq!(spaced(&pg), expected);
     assert_eq!(
         pg.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts'"),
@@ -140,7 +124,7 @@ fn tablespaces_restore_relocated_and_in_place() {
     primary.stop();
     fs::rename(primary.datadir(), td.join("primary_lost")).expect("move the lost data directory aside");
     fs::rename(&original, td.join("ts_lost")).expect("move the lost tablespace aside");
-    let mut pg = restore_and_start(&td, &wv, "in_place", &[]);
+    let (mut pg, _) = restore_and_start(&td, &wv, "in_place", &[], false);
     assert_eq!(spaced(&pg), expected);
     assert_eq!(
         pg.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts'"),

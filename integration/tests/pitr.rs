@@ -3,10 +3,11 @@
 //! including a table dropped afterwards; and a promoted restore's new
 //! timeline archives into the same repository and can itself be restored.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use walvault_integration::{Config, PgCluster, TestDir, Walvault, json_text, table_checksum, without_age};
+use walvault_integration::{
+    Config, PgCluster, TestDir, Walvault, archiving_primary, json_text, restore_and_start, table_checksum, without_age,
+};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -34,15 +35,6 @@ struct Checkpoint {
     state: Vec<String>,
 }
 
-fn archiving_primary(td: &TestDir, wv: &Walvault) -> PgCluster {
-    let mut pg = PgCluster::initdb(td, "primary", &[]);
-    pg.include_example("archive.conf");
-    pg.append_conf("max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\narchive_timeout = 0");
-    pg.start(&wv.server_env());
-    wv.init(pg.datadir()).expect_success("walvault init");
-    pg
-}
-
 /// Writes a little, then records checkpoint `n`: the last transaction's xid,
 /// the time and LSN right after it committed, a named restore point, and the
 /// tables' contents. Nothing else writes meanwhile, so each form of target
@@ -61,30 +53,12 @@ fn checkpoint(pg: &PgCluster, n: u32) -> Checkpoint {
     Checkpoint { time, lsn, xid, name, state }
 }
 
-/// Restores into a new directory with `args`, starts the server (without
-/// archiving, so that the restores do not add timelines to the archive), and
-/// returns it once recovery has reached its end; `paused` when a target with
-/// `--target-action pause` is expected.
-fn restore_and_start(td: &TestDir, wv: &Walvault, tag: &str, args: &[&str], paused: bool) -> (PgCluster, String) {
-    let dir: PathBuf = td.join(tag);
-    let out = wv.restore(&dir, args).expect_success(&format!("walvault restore {args:?}"));
-    let mut pg = PgCluster::existing(td, tag, &dir);
-    pg.append_conf("archive_mode = off");
-    pg.start(&wv.server_env());
-    if paused {
-        pg.wait_paused_at_target(LONG);
-    } else {
-        pg.wait_promoted(LONG);
-    }
-    (pg, out.stdout)
-}
-
 #[test]
 fn every_target_type_restores_exactly_the_recorded_data() {
     let td = TestDir::new();
     let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     primary.pgbench(&["-i", "-s", "2", "-q"]);
     primary.psql("CREATE TABLE ledger (id serial PRIMARY KEY, v text NOT NULL)");
 
@@ -158,7 +132,7 @@ fn a_promoted_restore_archives_a_new_timeline_that_restores_too() {
     let td = TestDir::new();
     let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
     let wv = Walvault::new(&td, &config);
-    let mut primary = archiving_primary(&td, &wv);
+    let mut primary = archiving_primary(&td, &wv, "primary");
     primary.pgbench(&["-i", "-s", "1", "-q"]);
     primary.psql("CREATE TABLE ledger (id serial PRIMARY KEY, v text NOT NULL)");
     wv.backup(&primary, &["--fast"]).expect_success("backup");

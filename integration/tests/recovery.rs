@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use walvault_integration::{
-    Config, PgCluster, TestDir, Walvault, assert_same_file, flip_byte, info_timeline, json_text, object_path,
-    overwrite_file, read_bytes, table_checksum, wait_until, without_age,
+    Config, PgCluster, TestDir, Walvault, archiving_primary, assert_same_file, flip_byte, info_timeline, json_text,
+    object_path, overwrite_file, read_bytes, table_checksum, wait_until, without_age,
 };
 
 const LONG: Duration = Duration::from_secs(600);
@@ -22,17 +22,6 @@ const TABLES: [(&str, &str); 5] = [
     ("pgbench_history", "t::text"),
     ("after_backup", "id"),
 ];
-
-/// A started primary that archives through the example `archive.conf`, its
-/// repository bound with `walvault init` while the server runs.
-fn archiving_primary(td: &TestDir, wv: &Walvault, name: &str) -> PgCluster {
-    let mut pg = PgCluster::initdb(td, name, &[]);
-    pg.include_example("archive.conf");
-    pg.append_conf("max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\narchive_timeout = 0");
-    pg.start(&wv.server_env());
-    wv.init(pg.datadir()).expect_success("walvault init (server running)");
-    pg
-}
 
 fn checksums(pg: &PgCluster) -> Vec<(String, String)> {
     TABLES.iter().map(|(table, order)| (table.to_string(), table_checksum(pg, table, order))).collect()

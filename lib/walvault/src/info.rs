@@ -148,27 +148,16 @@ pub struct Gap {
 pub struct Newest {
     /// File name.
     pub name: String,
-    /// When, as `YYYY-MM-DD HH:MM:SS UTC`.
+    /// When, as `YYYY-MM-DD HH:MM:SS+00`.
     pub archived_at: String,
     /// Seconds since then.
     pub age_seconds: i64,
 }
 
-/// Formats ms since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+/// Formats ms since the epoch to the second, as PostgreSQL shows a
+/// `timestamptz` in UTC: `2026-11-21 12:30:00+00`.
 pub fn format_utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    Timestamp::from_ms(ms.div_euclid(1000) * 1000).to_string()
 }
 
 /// Builds the report from the catalog. `now_ms` is passed in so that the
@@ -373,8 +362,8 @@ mod tests {
 
     #[test]
     fn utc_formatting() {
-        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_utc(1_795_264_200_000), "2026-11-21 12:30:00 UTC");
-        assert_eq!(format_utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00+00");
+        assert_eq!(format_utc(1_795_264_200_999), "2026-11-21 12:30:00+00");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29 00:00:00+00");
     }
 }

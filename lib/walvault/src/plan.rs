@@ -187,7 +187,7 @@ pub enum PlanError {
     /// Every eligible backup becomes consistent after the target.
     #[error("recovery target {target} is before the earliest reachable point, {earliest}: choose a later target")]
     TargetBeforeBackups {
-        /// The target, such as "time '2024-05-01 10:00:00.000000+00'".
+        /// The target, such as "time '2024-05-01 10:00:00+00'".
         target: String,
         /// The earliest point any eligible backup reaches.
         earliest: String,
@@ -748,20 +748,7 @@ fn describe_target(target: &Target) -> String {
 
 /// Microseconds since the Unix epoch as UTC `YYYY-MM-DD HH:MM:SS.ffffff+00`.
 fn format_time(us: i64) -> String {
-    const DAY: i64 = 86_400_000_000;
-    let (days, rem) = (us.div_euclid(DAY), us.rem_euclid(DAY));
-    // civil_from_days (H. Hinnant): days since 1970-01-01 to a Gregorian date.
-    let z = days + 719_468;
-    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (secs, micros) = (rem / 1_000_000, rem % 1_000_000);
-    let (hour, min, sec) = (secs / 3_600, secs / 60 % 60, secs % 60);
-    format!("{year:04}-{month:02}-{day:02} {hour:02}:{min:02}:{sec:02}.{micros:06}+00")
+    walvault_formats::time::Timestamp(us).to_string()
 }
 
 #[cfg(test)]
@@ -962,9 +949,9 @@ mod tests {
 
     #[test]
     fn times_are_formatted_in_utc() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00.000000+00");
+        assert_eq!(format_time(0), "1970-01-01 00:00:00+00");
         assert_eq!(format_time(-1), "1969-12-31 23:59:59.999999+00");
-        assert_eq!(format_time(951_782_400_000_000), "2000-02-29 00:00:00.000000+00");
+        assert_eq!(format_time(951_782_400_000_000), "2000-02-29 00:00:00+00");
         assert_eq!(format_time(1_709_210_096_789_000), "2024-02-29 12:34:56.789000+00");
         let _ = (format_time(i64::MIN), format_time(i64::MAX));
     }

@@ -21,20 +21,7 @@ pub(crate) fn label_timeline(label: &str) -> Option<u32> {
     label.lines().find_map(|l| l.strip_prefix("START TIMELINE:")).and_then(|v| v.trim().parse().ok()).filter(|t| *t > 0)
 }
 
-/// `1536` → `1.5 KiB`: binary units, one decimal from KiB on.
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+pub(crate) use crate::info::human_bytes;
 
 /// `bytes` over `secs` seconds as `12.3 MiB/s` (0 when no time passed).
 pub(crate) fn human_rate(bytes: u64, secs: f64) -> String {

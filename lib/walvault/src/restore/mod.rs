@@ -32,6 +32,7 @@ use walvault_formats::wal::{LsnParseError, SegmentName, SegmentNo, TimelineId, W
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::info::human_bytes;
 use crate::plan::{self, Plan, PlanError};
 use crate::repo::{ClusterInfo, Repository};
 
@@ -732,17 +733,6 @@ pub fn restore(config: &Config, opts: &RestoreOptions) -> Result<RestoreReport> 
         elapsed: started.elapsed(),
         warnings,
     })
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[i]) }
 }
 
 /// The lines printed after a restore: what was restored and how to start.
