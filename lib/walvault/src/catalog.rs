@@ -18,6 +18,8 @@ use walvault_formats::wal::{
     ClusterIdentity, HistoryEntry, Lsn, PgVersion, SystemId, TimelineId, WalFileName, WalSegmentSize,
 };
 
+pub use crate::repo::DrillRecord;
+
 use crate::error::{Error, Result};
 use crate::storage::ObjectMeta;
 
@@ -70,6 +72,18 @@ const MIGRATIONS: &[&str] = &[
         switch_lsn INTEGER NOT NULL,
         reason TEXT NOT NULL,
         PRIMARY KEY (timeline, parent)
+    ) WITHOUT ROWID;",
+    // 3: keep-forever marks on backups, and restore drills.
+    "ALTER TABLE backup ADD COLUMN keep_forever INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE drill (
+        id TEXT PRIMARY KEY,
+        backup TEXT NOT NULL,
+        target TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        finished_at_ms INTEGER NOT NULL,
+        ok INTEGER NOT NULL,
+        rto_ms INTEGER NOT NULL,
+        detail TEXT NOT NULL
     ) WITHOUT ROWID;",
 ];
 
@@ -153,6 +167,8 @@ pub struct BackupRecord {
     pub totals: Totals,
     /// BLAKE3 of the stored manifest's plaintext, hex.
     pub manifest_blake3: String,
+    /// Marked to be kept whatever the retention policy says.
+    pub keep_forever: bool,
 }
 
 impl BackupRecord {
@@ -171,6 +187,7 @@ impl BackupRecord {
             pg_version: m.pg_version,
             totals: m.totals,
             manifest_blake3: manifest_blake3.to_string(),
+            keep_forever: false,
         }
     }
 }
@@ -429,7 +446,7 @@ impl Catalog {
             .conn
             .prepare(
                 "SELECT id, timeline, start_lsn, stop_lsn, start_time_ms, stop_time_ms, start_wal, stop_wal, next_xid,
-                        pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3
+                        pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3, keep_forever
                  FROM backup ORDER BY stop_lsn, id",
             )
             .map_err(|e| self.err(e))?;
@@ -454,10 +471,81 @@ impl Catalog {
                         new_objects: to_u64(r.get(14)?),
                     },
                     manifest_blake3: r.get(15)?,
+                    keep_forever: r.get::<_, i64>(16)? != 0,
                 })
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets or clears a backup's keep-forever mark.
+    pub fn set_keep_forever(&self, id: &str, keep: bool) -> Result<()> {
+        self.conn
+            .execute("UPDATE backup SET keep_forever = ?2 WHERE id = ?1", params![id, i64::from(keep)])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes a backup's record (after expire deleted its manifest).
+    pub fn forget_backup(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM backup WHERE id = ?1", [id]).map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    /// Removes WAL records by name (after expire deleted the files).
+    pub fn forget_wal(&mut self, names: &[String]) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        {
+            let mut stmt = tx.prepare("DELETE FROM wal_file WHERE name = ?1").map_err(fail)?;
+            for n in names {
+                stmt.execute([n]).map_err(fail)?;
+            }
+        }
+        tx.commit().map_err(fail)
+    }
+
+    /// Records a drill (replacing one with the same id).
+    pub fn record_drill(&self, d: &DrillRecord) -> Result<()> {
+        insert_drill(&self.conn, d).map_err(|e| self.err(e))
+    }
+
+    /// Every recorded drill, oldest first.
+    pub fn drills(&self) -> Result<Vec<DrillRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, backup, target, started_at_ms, finished_at_ms, ok, rto_ms, detail FROM drill
+                 ORDER BY started_at_ms, id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(DrillRecord {
+                    id: r.get(0)?,
+                    backup: r.get(1)?,
+                    target: r.get(2)?,
+                    started_at_ms: r.get(3)?,
+                    finished_at_ms: r.get(4)?,
+                    ok: r.get::<_, i64>(5)? != 0,
+                    rto_ms: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Replaces every drill record (catalog rebuild).
+    pub fn replace_drills(&mut self, drills: &[DrillRecord]) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        tx.execute("DELETE FROM drill", []).map_err(fail)?;
+        for d in drills {
+            insert_drill(&tx, d).map_err(fail)?;
+        }
+        tx.commit().map_err(fail)
     }
 
     /// Records the content of timeline `timeline`'s history file.
@@ -578,8 +666,9 @@ impl Catalog {
 fn insert_backup(conn: &Connection, b: &BackupRecord) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT OR REPLACE INTO backup (id, timeline, start_lsn, stop_lsn, start_time_ms, stop_time_ms, start_wal,
-            stop_wal, next_xid, pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            stop_wal, next_xid, pg_version, files, bytes, stored_bytes, new_bytes, new_objects, manifest_blake3,
+            keep_forever)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             b.id,
             b.timeline,
@@ -597,7 +686,17 @@ fn insert_backup(conn: &Connection, b: &BackupRecord) -> rusqlite::Result<()> {
             to_i64(b.totals.new_bytes),
             to_i64(b.totals.new_objects),
             b.manifest_blake3,
+            i64::from(b.keep_forever),
         ],
+    )
+    .map(|_| ())
+}
+
+fn insert_drill(conn: &Connection, d: &DrillRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO drill (id, backup, target, started_at_ms, finished_at_ms, ok, rto_ms, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![d.id, d.backup, d.target, d.started_at_ms, d.finished_at_ms, i64::from(d.ok), d.rto_ms, d.detail],
     )
     .map(|_| ())
 }

@@ -38,6 +38,84 @@ struct FileConfig {
     compress_level: Option<i32>,
     compress_workers: Option<u32>,
     fetch_on_error: Option<FetchOnError>,
+    retention: Option<FileRetention>,
+    pg_bin: Option<PathBuf>,
+}
+
+/// `[retention]` in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileRetention {
+    keep_last: Option<u32>,
+    keep_within: Option<String>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+    grace: Option<String>,
+}
+
+/// Which backups (and so which WAL) `walvault expire` keeps. A backup is
+/// kept when any rule keeps it; with no rule at all, nothing is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionPolicy {
+    /// Keep the newest N backups.
+    pub keep_last: Option<u32>,
+    /// Promise: a restore to any moment in the last N seconds works.
+    pub keep_within_secs: Option<u64>,
+    /// Keep the newest backup of each of the last N days (UTC) that have one.
+    pub keep_daily: Option<u32>,
+    /// … of each of the last N ISO weeks.
+    pub keep_weekly: Option<u32>,
+    /// … of each of the last N months.
+    pub keep_monthly: Option<u32>,
+    /// … of each of the last N years.
+    pub keep_yearly: Option<u32>,
+}
+
+impl RetentionPolicy {
+    /// Whether any rule is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RetentionPolicy::default()
+    }
+}
+
+/// Default grace period before an unreferenced data object may be swept:
+/// longer than any backup runs, so a backup in progress (whose manifest
+/// does not exist yet) never loses its objects.
+pub const DEFAULT_GRACE_SECS: u64 = 24 * 3600;
+
+/// Parses a duration such as `14d`, `36h`, `90m`, `2w`, `1d12h` or `3600s`
+/// into seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<u64, String> {
+    let bad = || format!("'{text}' is not a duration such as 14d, 36h, 90m, 2w or 1d12h");
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        digits.clear();
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(total)
 }
 
 /// Values given on the command line; they win over the file.
@@ -70,6 +148,14 @@ pub struct Config {
     pub compress_workers: u32,
     /// archive-fetch's answer to errors.
     pub fetch_on_error: FetchOnError,
+    /// `[retention]`: what `walvault expire` keeps.
+    pub retention: RetentionPolicy,
+    /// `[retention] grace`: how old an unreferenced data object must be
+    /// before expire removes it, in seconds.
+    pub grace_secs: u64,
+    /// Directory of PostgreSQL's programs (`pg_ctl`, `postgres`) for
+    /// `walvault drill`; `None` finds them from the cluster's version.
+    pub pg_bin: Option<PathBuf>,
 }
 
 /// Checks a cluster name: 1–63 ASCII letters, digits, `_`, `-`, `.`,
@@ -168,6 +254,30 @@ impl Config {
                 in_file("compress-workers")
             )));
         }
+        let r = parsed.retention.unwrap_or_default();
+        let duration = |key: &str, v: Option<String>| -> Result<Option<u64>> {
+            v.map(|v| parse_duration(&v).map_err(|e| Error::Setting(format!("{}: {e}", in_file(key))))).transpose()
+        };
+        let retention = RetentionPolicy {
+            keep_last: r.keep_last,
+            keep_within_secs: duration("retention.keep-within", r.keep_within)?,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        };
+        if retention.keep_last == Some(0) {
+            return Err(Error::Setting(format!(
+                "{} is 0: it would allow deleting every backup; leave it out instead",
+                in_file("retention.keep-last")
+            )));
+        }
+        let grace_secs = duration("retention.grace", r.grace)?.unwrap_or(DEFAULT_GRACE_SECS);
+        if let Some(bin) = &parsed.pg_bin
+            && !bin.is_absolute()
+        {
+            return Err(Error::Setting(format!("{} must be an absolute directory", in_file("pg-bin"))));
+        }
         Ok(Config {
             file,
             cluster,
@@ -176,6 +286,9 @@ impl Config {
             compress_level,
             compress_workers,
             fetch_on_error: parsed.fetch_on_error.unwrap_or(FetchOnError::Auto),
+            retention,
+            grace_secs,
+            pg_bin: parsed.pg_bin,
         })
     }
 }
@@ -189,6 +302,31 @@ mod tests {
         let p = std::env::temp_dir().join(format!("walvault-config-{}-{name}.toml", std::process::id()));
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn retention_section_and_durations() {
+        let p = write(
+            "retention",
+            "repository = \"/r\"\npg-bin = \"/usr/lib/postgresql/15/bin\"\n[retention]\nkeep-last = 2\nkeep-within = \"14d\"\nkeep-daily = 7\ngrace = \"2h\"\n",
+        );
+        let c = Config::load(&Overrides::default(), Some(p)).unwrap();
+        assert_eq!(c.retention.keep_last, Some(2));
+        assert_eq!(c.retention.keep_within_secs, Some(14 * 86_400));
+        assert_eq!(c.retention.keep_daily, Some(7));
+        assert_eq!(c.grace_secs, 7200);
+        assert_eq!(c.pg_bin, Some(PathBuf::from("/usr/lib/postgresql/15/bin")));
+        assert_eq!(parse_duration("1d12h"), Ok(129_600));
+        assert_eq!(parse_duration("2w"), Ok(1_209_600));
+        for bad in ["", "14", "d", "1x", "0d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        let p = write("keep0", "repository = \"/r\"\n[retention]\nkeep-last = 0\n");
+        let e = Config::load(&Overrides::default(), Some(p)).unwrap_err().to_string();
+        assert!(e.contains("every backup"), "{e}");
+        let p = write("badwithin", "repository = \"/r\"\n[retention]\nkeep-within = \"forever\"\n");
+        let e = Config::load(&Overrides::default(), Some(p)).unwrap_err().to_string();
+        assert!(e.contains("retention.keep-within") && e.contains("forever"), "{e}");
     }
 
     #[test]

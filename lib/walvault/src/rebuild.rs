@@ -86,9 +86,13 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
         }
     }
     let mut backups = Vec::new();
+    let marks = repo.keep_forever_marks()?;
     for id in repo.list_backups()? {
         match repo.get_manifest(&id) {
-            Ok((m, hash)) => backups.push(BackupRecord::of_manifest(&m, &hash.to_string())),
+            Ok((m, hash)) => backups.push(BackupRecord {
+                keep_forever: marks.contains(&id),
+                ..BackupRecord::of_manifest(&m, &hash.to_string())
+            }),
             Err(e) => damaged.push(format!("{}: {e}", repo.manifest_key(&id))),
         }
     }
@@ -96,6 +100,7 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
     let bound = CatalogCluster { name: cluster.name, repository: repo.location(), identity: cluster.identity };
     catalog.replace_all(&bound, &records, started)?;
     catalog.replace_backups(&backups, &histories, started)?;
+    catalog.replace_drills(&repo.list_drills()?)?;
     Ok(RebuildReport { wal_files: records.len(), ignored, damaged, backups: backups.len() })
 }
 

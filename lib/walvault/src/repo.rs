@@ -8,6 +8,8 @@
 //! <root>/<cluster>/wal/history/<TTTTTTTT>.history
 //! <root>/<cluster>/data/<hh>/<blake3>           content-addressed chunks and bundles
 //! <root>/<cluster>/backups/<id>/manifest         one per complete backup, written last
+//! <root>/<cluster>/backups/<id>/keep-forever     present: retention never deletes the backup
+//! <root>/<cluster>/drills/<id>                   the outcome of a restore drill
 //! ```
 //!
 //! Every object is an envelope ([`walvault_formats::object`]). A WAL file's
@@ -60,6 +62,28 @@ struct ClusterDoc {
     pg_version: u32,
     wal_segment_size: u64,
     created_at_ms: i64,
+}
+
+/// The outcome of one restore drill (`walvault drill`), as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    /// Identifier: the UTC start time, `YYYYMMDDTHHMMSSZ`.
+    pub id: String,
+    /// The backup restored.
+    pub backup: String,
+    /// The recovery target, in words (`end of archive`, `time '…'`).
+    pub target: String,
+    /// When the drill started, ms since the epoch.
+    pub started_at_ms: i64,
+    /// When it finished.
+    pub finished_at_ms: i64,
+    /// Whether every check passed.
+    pub ok: bool,
+    /// Measured recovery time: from the start of the restore until the
+    /// server accepted connections at the target, ms.
+    pub rto_ms: i64,
+    /// What was checked, or what failed.
+    pub detail: String,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -228,6 +252,64 @@ impl Repository {
             });
         }
         Ok((m, header.hash))
+    }
+
+    /// The key of backup `id`'s keep-forever mark.
+    pub fn keep_forever_key(&self, id: &str) -> String {
+        format!("{}/backups/{id}/keep-forever", self.cluster)
+    }
+
+    /// Sets (`keep`) or clears backup `id`'s keep-forever mark. Setting an
+    /// existing mark or clearing an absent one is not an error.
+    pub fn set_keep_forever(&self, id: &str, keep: bool) -> Result<()> {
+        let key = self.keep_forever_key(id);
+        if keep {
+            #[derive(Serialize)]
+            struct Mark {
+                format: u32,
+                marked_at_ms: i64,
+            }
+            self.put_meta(&key, &Mark { format: REPOSITORY_FORMAT, marked_at_ms: now_ms() }).map(|_| ())
+        } else {
+            match self.storage.delete(&key) {
+                Ok(()) | Err(StorageError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.storage_err("delete", &key, e)),
+            }
+        }
+    }
+
+    /// Backups that carry a keep-forever mark (one listing).
+    pub fn keep_forever_marks(&self) -> Result<std::collections::BTreeSet<String>> {
+        let prefix = self.backups_prefix();
+        let listing = self.storage.list(&prefix).map_err(|e| self.storage_err("list", &prefix, e))?;
+        Ok(listing
+            .iter()
+            .filter_map(|m| m.key.strip_prefix(&prefix)?.strip_suffix("/keep-forever").map(str::to_string))
+            .filter(|id| !id.contains('/'))
+            .collect())
+    }
+
+    /// Stores the outcome of a drill (create-once under its id).
+    pub fn put_drill(&self, d: &DrillRecord) -> Result<()> {
+        let key = format!("{}/drills/{}", self.cluster, d.id);
+        match self.put_meta(&key, d)? {
+            PutOutcome::Created(_) => Ok(()),
+            PutOutcome::Exists => Err(Error::Metadata {
+                repo: self.location(),
+                key,
+                detail: "a drill with this id already exists".into(),
+            }),
+        }
+    }
+
+    /// Every recorded drill, oldest first (one listing, one read each).
+    pub fn list_drills(&self) -> Result<Vec<DrillRecord>> {
+        let prefix = format!("{}/drills/", self.cluster);
+        let listing = self.storage.list(&prefix).map_err(|e| self.storage_err("list", &prefix, e))?;
+        let mut out: Vec<DrillRecord> =
+            listing.iter().map(|m| self.get_meta::<DrillRecord>(&m.key)).collect::<Result<_>>()?;
+        out.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
+        Ok(out)
     }
 
     /// Identifiers of every complete backup (those with a manifest), sorted.
