@@ -111,6 +111,14 @@ enum Command {
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
         tablespace_map: Vec<(String, String)>,
     },
+    /// Mark a backup that retention must never delete (or --undo the mark)
+    KeepForever {
+        /// The backup's identifier (see 'walvault info')
+        id: String,
+        /// Remove the mark instead
+        #[arg(long)]
+        undo: bool,
+    },
     /// Manage the catalog
     Catalog {
         #[command(subcommand)]
@@ -224,6 +232,16 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 report_warning("walvault", w);
             }
             println!("{}", walvault::restore::summary_line(&report, &opts));
+        }
+        Command::KeepForever { id, undo } => {
+            for w in walvault::keep::keep_forever(&config, &id, !undo)? {
+                report_warning("walvault", &w);
+            }
+            if undo {
+                println!("backup '{id}' is no longer kept forever: the retention policy applies to it again");
+            } else {
+                println!("backup '{id}' is kept forever: expire will never delete it nor the WAL it needs");
+            }
         }
         Command::Catalog { command: CatalogCommand::Rebuild } => {
             let report = walvault::rebuild::rebuild(&config)?;

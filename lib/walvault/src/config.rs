@@ -375,6 +375,11 @@ mod example_tests {
         assert_eq!(c.repository, "/var/lib/walvault/repo");
         assert_eq!(c.catalog, PathBuf::from("/var/lib/walvault/main/catalog.db"));
         assert_eq!((c.compress_level, c.compress_workers, c.fetch_on_error), (3, 0, FetchOnError::Auto));
+        let r = c.retention;
+        assert_eq!((r.keep_last, r.keep_within_secs), (Some(2), Some(14 * 86_400)));
+        assert_eq!((r.keep_daily, r.keep_weekly, r.keep_monthly, r.keep_yearly), (Some(7), Some(4), Some(12), None));
+        assert_eq!(c.grace_secs, 24 * 3600);
+        assert_eq!(c.pg_bin, None);
     }
 }
 

@@ -32,6 +32,27 @@ pub struct Info {
     pub backups: Vec<BackupSummary>,
     /// Per timeline, the span of moments a restore can reach.
     pub recoverable: Vec<RecoverableWindow>,
+    /// The most recent restore drill.
+    pub last_drill: Option<DrillSummary>,
+}
+
+/// The outcome of the most recent `walvault drill`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DrillSummary {
+    /// Drill identifier.
+    pub id: String,
+    /// When it finished (`2026-11-21 14:30:00+00`).
+    pub finished_at: String,
+    /// The backup it restored.
+    pub backup: String,
+    /// The recovery target, in words.
+    pub target: String,
+    /// Whether every check passed.
+    pub ok: bool,
+    /// Measured recovery time, seconds.
+    pub rto_seconds: f64,
+    /// What was checked, or what failed.
+    pub detail: String,
 }
 
 /// One base backup.
@@ -57,6 +78,8 @@ pub struct BackupSummary {
     pub stored_size: u64,
     /// Stored bytes this backup added to the repository.
     pub new_bytes: u64,
+    /// Marked with `walvault keep-forever`.
+    pub keep_forever: bool,
 }
 
 /// The moments a restore can reach on one timeline.
@@ -219,6 +242,7 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
             size: b.totals.bytes,
             stored_size: b.totals.stored_bytes,
             new_bytes: b.totals.new_bytes,
+            keep_forever: b.keep_forever,
         })
         .collect();
     let recoverable = plan::windows(&archive_state(&catalog, size)?)
@@ -232,9 +256,19 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
             from_backup: w.from_backup,
         })
         .collect();
+    let last_drill = catalog.drills()?.pop().map(|d| DrillSummary {
+        finished_at: format_utc(d.finished_at_ms),
+        rto_seconds: d.rto_ms as f64 / 1000.0,
+        id: d.id,
+        backup: d.backup,
+        target: d.target,
+        ok: d.ok,
+        detail: d.detail,
+    });
     Ok(Info {
         backups,
         recoverable,
+        last_drill,
         cluster: ClusterReport {
             name: cluster.name,
             system_identifier: cluster.identity.system_id.to_string(),
@@ -332,8 +366,9 @@ impl std::fmt::Display for Info {
         for b in &self.backups {
             writeln!(
                 f,
-                "  {}  timeline {}  {} .. {}  LSN {} .. {}  {} in {} files, {} stored, {} new",
+                "  {}{}  timeline {}  {} .. {}  LSN {} .. {}  {} in {} files, {} stored, {} new",
                 b.id,
+                if b.keep_forever { " (kept forever)" } else { "" },
                 b.timeline,
                 b.start_time,
                 b.stop_time,
@@ -351,6 +386,20 @@ impl std::fmt::Display for Info {
                 "recoverable on timeline {}: {} .. {}  (LSN {} .. {}, from backup {})",
                 w.timeline, w.earliest, w.latest, w.earliest_lsn, w.latest_lsn, w.from_backup
             )?;
+        }
+        match &self.last_drill {
+            Some(d) => writeln!(
+                f,
+                "last drill: {} {} at {}, backup {} to {}, recovery time {:.1} s: {}",
+                d.id,
+                if d.ok { "passed" } else { "FAILED" },
+                d.finished_at,
+                d.backup,
+                d.target,
+                d.rto_seconds,
+                d.detail
+            )?,
+            None => writeln!(f, "last drill: never ('walvault drill' proves that a backup restores)")?,
         }
         Ok(())
     }

@@ -44,6 +44,7 @@ pub mod error;
 pub mod fetch;
 pub mod info;
 pub mod init;
+pub mod keep;
 pub mod pgdata;
 pub mod plan;
 pub mod push;
