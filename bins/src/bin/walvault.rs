@@ -111,6 +111,75 @@ enum Command {
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
         tablespace_map: Vec<(String, String)>,
     },
+    /// Read and check every object of the repository; exit 1 on any problem
+    Verify {
+        /// Only this backup: its manifest, its data objects, its WAL
+        #[arg(long, value_name = "ID", conflicts_with = "wal")]
+        backup: Option<String>,
+        /// Only the WAL (and which gaps matter to which backup)
+        #[arg(long)]
+        wal: bool,
+        /// Objects read in parallel [default: the number of cores]
+        #[arg(long, short = 'j', value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: Option<u16>,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the running server archives into this repository, and how fast
+    Check {
+        /// libpq connection string or URI [default: the PG* environment variables]
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// Seconds to wait for the switched WAL segment to reach the repository
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        archive_timeout: u64,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test restore: restore into a throwaway server, check it, record the result
+    Drill {
+        /// Restore this backup [default: the one the planner picks for the target]
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Recover to this time (zone required) [default: the end of the archive]
+        #[arg(long, value_name = "TIME", group = "drill_target")]
+        target_time: Option<String>,
+        /// Recover to this LSN
+        #[arg(long, value_name = "LSN", group = "drill_target")]
+        target_lsn: Option<String>,
+        /// Recover to the commit of this transaction id
+        #[arg(long, value_name = "XID", group = "drill_target")]
+        target_xid: Option<String>,
+        /// Recover to this restore point
+        #[arg(long, value_name = "NAME", group = "drill_target")]
+        target_name: Option<String>,
+        /// 'immediate': stop as soon as the backup is consistent
+        #[arg(long, value_name = "immediate", group = "drill_target", value_parser = ["immediate"])]
+        target: Option<String>,
+        /// SQL checks: each '-- expect: VALUE' line starts a query whose single value must equal VALUE
+        #[arg(long, value_name = "FILE")]
+        sql: Option<PathBuf>,
+        /// Where to create the temporary directory [default: the system's temporary directory]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Port of the throwaway server (it listens only on a private socket) [default: a free one]
+        #[arg(long)]
+        port: Option<u16>,
+        /// Keep the temporary directory for inspection
+        #[arg(long)]
+        keep: bool,
+        /// Seconds to wait for the server to start and recover
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        timeout: u64,
+        /// Files restored in parallel
+        #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
     /// Mark a backup that retention must never delete (or --undo the mark)
     KeepForever {
         /// The backup's identifier (see 'walvault info')
@@ -199,15 +268,8 @@ fn run(cli: Cli) -> walvault::Result<()> {
             jobs,
             tablespace_map,
         } => {
-            use walvault::restore::{RestoreTarget, TargetAction};
-            let target = match (target_time, target_lsn, target_xid, target_name, target) {
-                (Some(t), ..) => RestoreTarget::Time(t),
-                (_, Some(l), ..) => RestoreTarget::Lsn(l),
-                (_, _, Some(x), ..) => RestoreTarget::Xid(x),
-                (_, _, _, Some(n), _) => RestoreTarget::Name(n),
-                (_, _, _, _, Some(_)) => RestoreTarget::Immediate,
-                _ => RestoreTarget::End,
-            };
+            use walvault::restore::TargetAction;
+            let target = restore_target(target_time, target_lsn, target_xid, target_name, target);
             let target_action = target_action.map(|a| match a.as_str() {
                 "promote" => TargetAction::Promote,
                 "shutdown" => TargetAction::Shutdown,
@@ -232,6 +294,71 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 report_warning("walvault", w);
             }
             println!("{}", walvault::restore::summary_line(&report, &opts));
+        }
+        Command::Verify { backup, wal, jobs, json } => {
+            let jobs = jobs.map_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()), usize::from);
+            let opts = walvault::verify::VerifyOptions { backup, wal_only: wal, jobs };
+            let report = walvault::verify::verify(&config, &opts)?;
+            print_report(&report, json)?;
+            if !report.ok() {
+                eprintln!(
+                    "walvault: error: verify found {} problem(s) in repository '{}' (listed above)",
+                    report.problems.len(),
+                    config.repository
+                );
+                std::process::exit(EXIT_FAIL);
+            }
+        }
+        Command::Check { dbname, archive_timeout, json } => {
+            let opts = walvault::check::CheckOptions {
+                connection: dbname,
+                env: walvault::backup::PgEnv::from_process(),
+                timeout: Duration::from_secs(archive_timeout),
+            };
+            let report = walvault::check::check(&config, &opts)?;
+            print_report(&report, json)?;
+            if !report.ok() {
+                eprintln!("walvault: error: check failed (see the lines above)");
+                std::process::exit(EXIT_FAIL);
+            }
+        }
+        Command::Drill {
+            backup,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            sql,
+            dir,
+            port,
+            keep,
+            timeout,
+            jobs,
+            json,
+        } => {
+            let opts = walvault::drill::DrillOptions {
+                target: restore_target(target_time, target_lsn, target_xid, target_name, target),
+                backup,
+                sql,
+                dir,
+                port,
+                keep,
+                timeout: Duration::from_secs(timeout),
+                jobs: usize::from(jobs),
+                archive_fetch: None,
+            };
+            match walvault::drill::drill(&config, &opts) {
+                Ok(report) => print_report(&report, json)?,
+                Err(e) => {
+                    if let walvault::Error::Drill(d) = &e
+                        && let Some(report) = d.report()
+                    {
+                        print_report(report, json)?;
+                    }
+                    return Err(e);
+                }
+            }
         }
         Command::KeepForever { id, undo } => {
             for w in walvault::keep::keep_forever(&config, &id, !undo)? {
@@ -261,6 +388,36 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 return Err(walvault::Error::Damaged { repo: config.repository, count: report.damaged.len() });
             }
         }
+    }
+    Ok(())
+}
+
+/// The one target among the mutually exclusive `--target*` flags.
+fn restore_target(
+    time: Option<String>,
+    lsn: Option<String>,
+    xid: Option<String>,
+    name: Option<String>,
+    immediate: Option<String>,
+) -> walvault::restore::RestoreTarget {
+    use walvault::restore::RestoreTarget;
+    match (time, lsn, xid, name, immediate) {
+        (Some(t), ..) => RestoreTarget::Time(t),
+        (_, Some(l), ..) => RestoreTarget::Lsn(l),
+        (_, _, Some(x), ..) => RestoreTarget::Xid(x),
+        (_, _, _, Some(n), _) => RestoreTarget::Name(n),
+        (_, _, _, _, Some(_)) => RestoreTarget::Immediate,
+        _ => RestoreTarget::End,
+    }
+}
+
+/// Prints a report as JSON or as its text form.
+fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) -> walvault::Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| walvault::Error::Setting(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{report}");
     }
     Ok(())
 }

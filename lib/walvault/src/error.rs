@@ -174,6 +174,15 @@ pub enum Error {
     /// A restore failed.
     #[error(transparent)]
     Restore(#[from] crate::restore::RestoreError),
+    /// `walvault verify` could not run.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    /// `walvault check` could not run its checks.
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
+    /// A restore drill was refused or failed.
+    #[error(transparent)]
+    Drill(#[from] crate::drill::DrillError),
     /// A repository URL scheme this build does not support yet.
     #[error("repository '{0}': only local directories are supported")]
     UnsupportedRepository(String),
@@ -237,6 +246,9 @@ impl Error {
             }
             Error::Backup(e) => return e.hint(),
             Error::Restore(e) => return e.hint(),
+            Error::Verify(e) => return e.hint(),
+            Error::Check(e) => return e.hint(),
+            Error::Drill(e) => return e.hint(),
             Error::NoCatalog(_) => "run 'walvault catalog rebuild' to build it from the repository".into(),
             Error::Catalog { .. } => {
                 "the catalog is only an index: 'walvault catalog rebuild' recreates it from the repository".into()

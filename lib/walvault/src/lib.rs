@@ -39,18 +39,24 @@
 
 pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod config;
+pub mod drill;
 pub mod error;
+pub mod expire;
 pub mod fetch;
 pub mod info;
 pub mod init;
 pub mod keep;
+pub mod lock;
 pub mod pgdata;
 pub mod plan;
 pub mod push;
 pub mod rebuild;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod storage;
+pub mod verify;
 
 pub use error::{Error, Result};

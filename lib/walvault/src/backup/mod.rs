@@ -22,7 +22,7 @@
 mod copy;
 mod label;
 mod pace;
-mod session;
+pub(crate) mod session;
 mod walk;
 
 use std::collections::HashMap;
@@ -412,7 +412,7 @@ fn previous_files(
 }
 
 /// Why the archiver has not delivered `missing` to the repository.
-fn archive_reason(s: &ArchiverStatus, missing: &str, repo: &str, cluster: &str) -> String {
+pub(crate) fn archive_reason(s: &ArchiverStatus, missing: &str, repo: &str, cluster: &str) -> String {
     if s.archive_command.trim().is_empty() && s.archive_library.trim().is_empty() {
         return "archive_command is empty, so PostgreSQL archives nothing: set archive_command = 'archive-push %p' \
                 and reload PostgreSQL"
@@ -517,6 +517,10 @@ pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
     let mut warnings = Vec::new();
     let repo = Repository::open(&config.repository, &config.cluster)?;
     let cluster = repo.cluster_info()?;
+    // Held to the end: expire (exclusive) must not sweep the objects this
+    // backup reuses, nor the previous manifest it reads; backups share it.
+    let _lock =
+        crate::lock::RepoLock::acquire(&repo, crate::lock::LockMode::Shared, "backup", crate::lock::BACKUP_WAIT)?;
 
     let pg = session::connection_config(&opts.env, opts.connection.as_deref())?;
     let mut db = Session::connect(&pg)?;

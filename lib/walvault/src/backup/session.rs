@@ -339,7 +339,7 @@ impl Session {
         BackupError::Query { target: self.target.clone(), during, detail }
     }
 
-    fn one(
+    pub(crate) fn one(
         &mut self,
         during: &'static str,
         sql: &str,
