@@ -111,6 +111,39 @@ enum Command {
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
         tablespace_map: Vec<(String, String)>,
     },
+    /// Delete the backups and WAL the retention policy no longer keeps
+    Expire {
+        /// Show what would be deleted, and why; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+        /// Keep the newest N backups (overrides [retention] keep-last)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_last: Option<u32>,
+        /// Keep every moment of this window restorable: 14d, 36h… (overrides keep-within)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        keep_within: Option<u64>,
+        /// Keep the newest backup of each of the last N days
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        /// … of each of the last N weeks
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        /// … of each of the last N months
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        /// … of each of the last N years
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
+        /// Unreferenced data objects younger than this are kept (overrides [retention] grace)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_zero)]
+        grace: Option<u64>,
+        /// Seconds to wait for the repository lock (0: fail at once, naming the holder)
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u64,
+    },
     /// Read and check every object of the repository; exit 1 on any problem
     Verify {
         /// Only this backup: its manifest, its data objects, its WAL
@@ -295,6 +328,37 @@ fn run(cli: Cli) -> walvault::Result<()> {
             }
             println!("{}", walvault::restore::summary_line(&report, &opts));
         }
+        Command::Expire {
+            dry_run,
+            json,
+            keep_last,
+            keep_within,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            grace,
+            wait,
+        } => {
+            let base = config.retention;
+            let policy = walvault::config::RetentionPolicy {
+                keep_last: keep_last.or(base.keep_last),
+                keep_within_secs: keep_within.or(base.keep_within_secs),
+                keep_daily: keep_daily.or(base.keep_daily),
+                keep_weekly: keep_weekly.or(base.keep_weekly),
+                keep_monthly: keep_monthly.or(base.keep_monthly),
+                keep_yearly: keep_yearly.or(base.keep_yearly),
+            };
+            let opts = walvault::expire::ExpireOptions {
+                dry_run,
+                policy,
+                grace_secs: grace.unwrap_or(config.grace_secs),
+                now_ms: now_ms(),
+                wait_secs: wait,
+            };
+            let report = walvault::expire::expire(&config, &opts)?;
+            print_report(&report, json)?;
+        }
         Command::Verify { backup, wal, jobs, json } => {
             let jobs = jobs.map_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()), usize::from);
             let opts = walvault::verify::VerifyOptions { backup, wal_only: wal, jobs };
@@ -420,6 +484,16 @@ fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool)
         print!("{report}");
     }
     Ok(())
+}
+
+/// `14d`, `36h`, `1d12h` → seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    walvault::config::parse_duration(s)
+}
+
+/// Like [`parse_duration`], and `0` for none at all.
+fn parse_duration_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" { Ok(0) } else { walvault::config::parse_duration(s) }
 }
 
 /// `100M` → 104857600.

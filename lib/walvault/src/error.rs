@@ -183,6 +183,12 @@ pub enum Error {
     /// A restore drill was refused or failed.
     #[error(transparent)]
     Drill(#[from] crate::drill::DrillError),
+    /// The repository lock is held by another command, or cannot be taken.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// `walvault expire` refused to run.
+    #[error(transparent)]
+    Expire(#[from] crate::expire::ExpireError),
     /// A repository URL scheme this build does not support yet.
     #[error("repository '{0}': only local directories are supported")]
     UnsupportedRepository(String),
@@ -249,6 +255,8 @@ impl Error {
             Error::Verify(e) => return e.hint(),
             Error::Check(e) => return e.hint(),
             Error::Drill(e) => return e.hint(),
+            Error::Lock(e) => return e.hint(),
+            Error::Expire(e) => return e.hint(),
             Error::NoCatalog(_) => "run 'walvault catalog rebuild' to build it from the repository".into(),
             Error::Catalog { .. } => {
                 "the catalog is only an index: 'walvault catalog rebuild' recreates it from the repository".into()
@@ -261,6 +269,8 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Storage { source, .. } => source.is_transient(),
+            Error::Lock(e) => e.is_transient(),
+            Error::Expire(e) => e.is_transient(),
             Error::Catalog { .. } | Error::RepoMissing(_) => true,
             _ => false,
         }

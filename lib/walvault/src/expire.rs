@@ -195,21 +195,6 @@ impl ExpireError {
     }
 }
 
-// Interim, until error.rs has `Expire(#[from] crate::expire::ExpireError)`:
-// delete this impl then.
-impl From<ExpireError> for Error {
-    fn from(e: ExpireError) -> Error {
-        match e {
-            ExpireError::Policy(e) => Error::Setting(e.to_string()),
-            ExpireError::Damaged { ref repo, ref objects } => Error::Metadata {
-                repo: repo.clone(),
-                key: objects.first().and_then(|o| o.split(": ").next()).unwrap_or_default().to_string(),
-                detail: e.to_string(),
-            },
-        }
-    }
-}
-
 /// What the next expire would delete, from the catalog alone: for
 /// `walvault info`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

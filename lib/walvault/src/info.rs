@@ -34,6 +34,11 @@ pub struct Info {
     pub recoverable: Vec<RecoverableWindow>,
     /// The most recent restore drill.
     pub last_drill: Option<DrillSummary>,
+    /// The configured `[retention]` policy, in words (`None`: no policy,
+    /// expire deletes nothing).
+    pub retention: Option<String>,
+    /// What the next `walvault expire` would delete under that policy.
+    pub next_expire: Option<crate::expire::ExpirePreview>,
 }
 
 /// The outcome of the most recent `walvault drill`.
@@ -265,10 +270,14 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
         ok: d.ok,
         detail: d.detail,
     });
+    let next_expire = crate::expire::preview(config, now_ms)?;
+    let retention = (!config.retention.is_empty()).then(|| crate::retention::describe_policy(&config.retention));
     Ok(Info {
         backups,
         recoverable,
         last_drill,
+        retention,
+        next_expire,
         cluster: ClusterReport {
             name: cluster.name,
             system_identifier: cluster.identity.system_id.to_string(),
@@ -400,6 +409,30 @@ impl std::fmt::Display for Info {
                 d.detail
             )?,
             None => writeln!(f, "last drill: never ('walvault drill' proves that a backup restores)")?,
+        }
+        match (&self.retention, &self.next_expire) {
+            (None, _) => {
+                writeln!(f, "retention: no policy ([retention] in the configuration): expire deletes nothing")?
+            }
+            (Some(policy), preview) => {
+                writeln!(f, "retention: {policy}")?;
+                if let Some(p) = preview {
+                    if let Some(why) = &p.refused {
+                        writeln!(f, "  next expire would refuse: {why}")?;
+                    } else {
+                        let ids: Vec<&str> = p.delete_backups.iter().map(|d| d.name.as_str()).collect();
+                        writeln!(
+                            f,
+                            "  next expire would delete {} backup(s){}{} and {} WAL file(s) ({})",
+                            ids.len(),
+                            if ids.is_empty() { "" } else { ": " },
+                            ids.join(", "),
+                            p.wal_files,
+                            human_bytes(p.wal_bytes)
+                        )?;
+                    }
+                }
+            }
         }
         Ok(())
     }

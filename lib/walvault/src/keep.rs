@@ -5,9 +5,12 @@
 //! The mark is an object in the repository (`<cluster>/backups/<id>/keep-forever`),
 //! so it survives the loss of the catalog; the catalog only indexes it.
 
+use std::time::Duration;
+
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::lock::{LockMode, RepoLock};
 use crate::repo::Repository;
 
 /// Sets (`keep`) or clears the keep-forever mark of backup `id`. Returns
@@ -31,6 +34,9 @@ pub fn keep_forever(config: &Config, id: &str, keep: bool) -> Result<Vec<String>
             repo.location()
         )));
     }
+    // Shared, like a backup: an expire running now must not delete the
+    // backup between the check above and the mark.
+    let _lock = RepoLock::acquire(&repo, LockMode::Shared, "keep-forever", Duration::from_secs(60))?;
     repo.set_keep_forever(id, keep)?;
     let mut warnings = Vec::new();
     let updated = Catalog::open_existing(&config.catalog).and_then(|c| c.set_keep_forever(id, keep));

@@ -181,27 +181,6 @@ impl LockError {
     }
 }
 
-// Interim, until error.rs has `Lock(#[from] crate::lock::LockError)`: delete
-// this impl then.
-impl From<LockError> for crate::Error {
-    fn from(e: LockError) -> crate::Error {
-        let (repo, path) = match &e {
-            LockError::Busy { repo, path, .. } | LockError::PossiblyStale { repo, path, .. } => {
-                (repo.clone(), path.clone())
-            }
-            LockError::Io { path, .. } => (String::new(), path.clone()),
-        };
-        let kind = if e.is_transient() { io::ErrorKind::WouldBlock } else { io::ErrorKind::PermissionDenied };
-        let name = path.display().to_string();
-        crate::Error::Storage {
-            op: "lock",
-            name: name.clone(),
-            repo,
-            source: crate::storage::StorageError::Io { key: name, source: io::Error::new(kind, e.to_string()) },
-        }
-    }
-}
-
 /// A held repository lock; released when dropped.
 #[derive(Debug)]
 pub struct RepoLock {
