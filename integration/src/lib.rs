@@ -1255,6 +1255,33 @@ impl Drop for PgCluster {
 // Small helpers
 // ---------------------------------------------------------------------------
 
+/// Moves backup `id`'s start and stop times so that it became consistent at
+/// `stop_ms` (ms since the epoch), as if it had been taken then: the manifest
+/// in the repository is rewritten in place (tests only; walvault never
+/// rewrites a manifest). Run `walvault catalog rebuild` afterwards.
+pub fn backdate_backup(repository: &Path, cluster: &str, id: &str, stop_ms: i64) {
+    use walvault_formats::manifest::Manifest;
+    use walvault_formats::object::{EncodeOptions, decode, encode};
+    let path = repository.join(cluster).join("backups").join(id).join("manifest");
+    let bytes = read_bytes(&path);
+    let (_, plain) = decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut m = Manifest::from_json(&plain).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let shift = stop_ms - m.stop_time_ms;
+    m.start_time_ms += shift;
+    m.stop_time_ms += shift;
+    let (_, stored) = encode(&m.to_json(), &EncodeOptions::default()).expect("encode the manifest");
+    overwrite_file(&path, &stored);
+}
+
+/// The name of the 16 MiB WAL segment of timeline `timeline` holding `lsn`
+/// (`X/X`), like `pg_walfile_name()`.
+pub fn segment_of_lsn(timeline: u32, lsn: &str) -> String {
+    let (hi, lo) = lsn.split_once('/').unwrap_or_else(|| panic!("not an LSN: {lsn}"));
+    let lsn = (u64::from_str_radix(hi, 16).expect("hex") << 32) | u64::from_str_radix(lo, 16).expect("hex");
+    let segno = lsn / WAL_SEGMENT_SIZE as u64;
+    format!("{timeline:08X}{:08X}{:08X}", segno / 256, segno % 256)
+}
+
 /// A started primary named `name` that archives through
 /// `pg-config-examples/archive.conf` (no timed WAL switches, no early
 /// recycling), its repository bound with `walvault init` while it runs.
