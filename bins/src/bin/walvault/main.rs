@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use walvault::init::IdentitySource;
 use walvault::repo::now_ms;
-use walvault_bins::{CommonArgs, EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
+use walvault_bins::{EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
 
 use cli::{CatalogCommand, Cli, Command};
 
