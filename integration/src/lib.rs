@@ -42,6 +42,8 @@
 //! pg.wait_archived(&segment, std::time::Duration::from_secs(60));
 //! ```
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;

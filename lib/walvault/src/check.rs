@@ -628,7 +628,7 @@ fn newest_in_catalog(config: &Config, repo: &Repository, now: i64) -> Option<New
 /// cannot be read, the server cannot be reached, or it refuses a query
 /// (see [`CheckError`]). Failed checks are items of the report.
 pub fn check(config: &Config, opts: &CheckOptions) -> Result<CheckReport> {
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     let pg = session::connection_config(&opts.env, opts.connection.as_deref()).map_err(Error::Backup)?;
     let mut db = Session::connect(&pg).map_err(Error::Backup)?;

@@ -40,6 +40,63 @@ struct FileConfig {
     fetch_on_error: Option<FetchOnError>,
     retention: Option<FileRetention>,
     pg_bin: Option<PathBuf>,
+    s3: Option<FileS3>,
+}
+
+/// `[s3]` in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileS3 {
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    allow_http: Option<bool>,
+    anonymous: Option<bool>,
+    credentials_file: Option<PathBuf>,
+    request_timeout: Option<String>,
+    retry_budget: Option<String>,
+}
+
+/// `[s3]`: how to reach an `s3://bucket/prefix` repository. Holds no
+/// secret: credentials are read when the repository is opened, from
+/// `credentials_file` or the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `endpoint`: URL of an S3-compatible store (`http://127.0.0.1:9000`);
+    /// `None` is AWS.
+    pub endpoint: Option<String>,
+    /// `region`, default `us-east-1`.
+    pub region: String,
+    /// `path-style`: `http://host/bucket/key` instead of
+    /// `http://bucket.host/key` (MinIO, Ceph RGW, Garage).
+    pub path_style: bool,
+    /// `allow-http`: permit plain HTTP endpoints.
+    pub allow_http: bool,
+    /// `anonymous`: send unsigned requests (public buckets, tests).
+    pub anonymous: bool,
+    /// `credentials-file`: TOML with `access-key-id`, `secret-access-key`
+    /// and optionally `session-token`.
+    pub credentials_file: Option<PathBuf>,
+    /// `request-timeout`: deadline of each request, seconds (default 30).
+    pub request_timeout_secs: u64,
+    /// `retry-budget`: total time transient failures are retried for,
+    /// seconds (default 120).
+    pub retry_budget_secs: u64,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: false,
+            allow_http: false,
+            anonymous: false,
+            credentials_file: None,
+            request_timeout_secs: 30,
+            retry_budget_secs: 120,
+        }
+    }
 }
 
 /// `[retention]` in the file.
@@ -156,6 +213,8 @@ pub struct Config {
     /// Directory of PostgreSQL's programs (`pg_ctl`, `postgres`) for
     /// `walvault drill`; `None` finds them from the cluster's version.
     pub pg_bin: Option<PathBuf>,
+    /// `[s3]`: used when `repository` is an `s3://` URL.
+    pub s3: S3Settings,
 }
 
 /// Checks a cluster name: 1–63 ASCII letters, digits, `_`, `-`, `.`,
@@ -185,7 +244,13 @@ fn toml_detail(text: &str, e: &toml::de::Error) -> String {
             let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             // The line itself names the key, whatever the parser's message says.
             let text_line = text.lines().nth(line - 1).unwrap_or("").trim();
-            let shown: String = text_line.chars().take(80).collect();
+            let lower = text_line.to_ascii_lowercase();
+            // Never echo a secret someone put in the wrong file.
+            let shown: String = if ["secret", "token", "password", "key-id"].iter().any(|w| lower.contains(w)) {
+                "<line not shown: it may hold a secret>".into()
+            } else {
+                text_line.chars().take(80).collect()
+            };
             format!("line {line}, column {col} ('{shown}'): {msg}")
         }
         None => msg,
@@ -278,7 +343,29 @@ impl Config {
         {
             return Err(Error::Setting(format!("{} must be an absolute directory", in_file("pg-bin"))));
         }
+        let f = parsed.s3.unwrap_or_default();
+        let d = S3Settings::default();
+        let request_timeout_secs = duration("s3.request-timeout", f.request_timeout)?.unwrap_or(d.request_timeout_secs);
+        if request_timeout_secs == 0 {
+            return Err(Error::Setting(format!("{} must be at least 1s", in_file("s3.request-timeout"))));
+        }
+        if let Some(p) = &f.credentials_file
+            && !p.is_absolute()
+        {
+            return Err(Error::Setting(format!("{} must be an absolute path", in_file("s3.credentials-file"))));
+        }
+        let s3 = S3Settings {
+            endpoint: f.endpoint,
+            region: f.region.unwrap_or(d.region),
+            path_style: f.path_style.unwrap_or(false),
+            allow_http: f.allow_http.unwrap_or(false),
+            anonymous: f.anonymous.unwrap_or(false),
+            credentials_file: f.credentials_file,
+            request_timeout_secs,
+            retry_budget_secs: duration("s3.retry-budget", f.retry_budget)?.unwrap_or(d.retry_budget_secs),
+        };
         Ok(Config {
+            s3,
             file,
             cluster,
             repository,
@@ -380,6 +467,36 @@ mod example_tests {
         assert_eq!((r.keep_daily, r.keep_weekly, r.keep_monthly, r.keep_yearly), (Some(7), Some(4), Some(12), None));
         assert_eq!(c.grace_secs, 24 * 3600);
         assert_eq!(c.pg_bin, None);
+        assert_eq!(c.s3, S3Settings::default(), "[s3] is commented out in the example");
+    }
+
+    #[test]
+    fn s3_table() {
+        let dir = std::env::temp_dir().join(format!("walvault-s3cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(
+            &p,
+            "repository = \"s3://bucket/prefix\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"\n\
+             path-style = true\nallow-http = true\ncredentials-file = \"/etc/walvault/s3.toml\"\n\
+             request-timeout = \"5s\"\nretry-budget = \"2m\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&Overrides::default(), Some(p.clone())).unwrap();
+        assert_eq!(c.repository, "s3://bucket/prefix");
+        let s = &c.s3;
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!((s.region.as_str(), s.path_style, s.allow_http, s.anonymous), ("eu-west-1", true, true, false));
+        assert_eq!(s.credentials_file.as_deref(), Some(Path::new("/etc/walvault/s3.toml")));
+        assert_eq!((s.request_timeout_secs, s.retry_budget_secs), (5, 120));
+        std::fs::write(&p, "repository = \"s3://b/p\"\n[s3]\nsecret-access-key = \"TOPSECRET\"\n").unwrap();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        assert!(!e.contains("TOPSECRET"), "secrets do not go in the config, nor in its errors: {e}");
+        std::fs::write(&p, "repository = \"s3://b/p\"\n[s3]\ncredentials-file = \"rel.toml\"\n").unwrap();
+        assert!(Config::load(&Overrides::default(), Some(p.clone())).is_err());
+        std::fs::write(&p, "repository = \"s3://b/p\"\n[s3]\nrequest-timeout = \"0s\"\n").unwrap();
+        assert!(Config::load(&Overrides::default(), Some(p)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 

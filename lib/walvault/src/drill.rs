@@ -1801,7 +1801,7 @@ pub fn drill(config: &Config, opts: &DrillOptions) -> Result<DrillReport> {
         Some(p) => Some((p.clone(), load_sql(p).map_err(|e| lift(e, None))?)),
         None => None,
     };
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     let major = cluster.identity.pg_version.major();
     let bin = resolve_bin_dir(config.pg_bin.as_deref(), major, &probe_bin_dir, &pg_config_bindir)

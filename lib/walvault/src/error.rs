@@ -190,7 +190,7 @@ pub enum Error {
     #[error(transparent)]
     Expire(#[from] crate::expire::ExpireError),
     /// A repository URL scheme this build does not support yet.
-    #[error("repository '{0}': only local directories are supported")]
+    #[error("repository '{0}': only local directories and s3:// URLs are supported")]
     UnsupportedRepository(String),
 }
 

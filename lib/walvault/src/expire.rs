@@ -279,7 +279,7 @@ impl Budget {
 const WAL_BATCH: usize = 1000;
 
 fn run(config: &Config, opts: &ExpireOptions, mut budget: Budget) -> Result<ExpireReport> {
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let mut report = ExpireReport {
         repository: repo.location(),
         cluster: repo.cluster().to_string(),
@@ -509,7 +509,7 @@ mod tests {
                 segment_size: WalSegmentSize::new(1 << 20).unwrap(),
             };
             crate::init::init(&config, &identity).unwrap();
-            let repo = Repository::open(&config.repository, &config.cluster).unwrap();
+            let repo = Repository::open_config(&config).unwrap();
             T { dir, config, repo, identity, now_ms: crate::repo::now_ms() }
         }
 

@@ -71,7 +71,7 @@ pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
     if dest.as_os_str().is_empty() {
         return Err(Error::Setting("the destination path (%p) is empty".into()));
     }
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let key = repo.wal_key(&name);
     let stored = match repo.storage().get(&key) {
         Ok(bytes) => bytes,

@@ -57,7 +57,7 @@ impl IdentitySource {
 
 /// Binds `config`'s repository and cluster name to `identity`.
 pub fn init(config: &Config, identity: &ClusterIdentity) -> Result<InitReport> {
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let created = repo.init(identity)?;
     let mut warnings = Vec::new();
     let bound = CatalogCluster { name: config.cluster.clone(), repository: repo.location(), identity: *identity };

@@ -19,7 +19,7 @@ use crate::repo::Repository;
 /// # Errors
 /// [`Error::Setting`] when no such backup exists; storage errors.
 pub fn keep_forever(config: &Config, id: &str, keep: bool) -> Result<Vec<String>> {
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     repo.cluster_info()?;
     let key = repo.manifest_key(id);
     let exists = repo.storage().head(&key).map_err(|source| Error::Storage {

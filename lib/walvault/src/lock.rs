@@ -125,6 +125,15 @@ pub enum LockError {
         /// The dead holders.
         holders: Vec<Holder>,
     },
+    /// The repository is on an object store, which has no exclusive lock
+    /// yet.
+    #[error("'{command}' needs the exclusive repository lock, which S3 repositories do not support yet ('{repo}')")]
+    Unsupported {
+        /// The repository.
+        repo: String,
+        /// The command that asked.
+        command: String,
+    },
     /// The lock file cannot be created, opened or locked.
     #[error("unable to lock '{}': {source}", path.display())]
     Io {
@@ -168,6 +177,9 @@ impl LockError {
                     .into()
             }
             LockError::Io { .. } => return None,
+            LockError::Unsupported { .. } => {
+                "run expire against a local repository for now; backups, archiving and restores work on S3".into()
+            }
         })
     }
 
@@ -175,7 +187,7 @@ impl LockError {
     pub fn is_transient(&self) -> bool {
         match self {
             LockError::Busy { .. } => true,
-            LockError::PossiblyStale { .. } => false,
+            LockError::PossiblyStale { .. } | LockError::Unsupported { .. } => false,
             LockError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
         }
     }
@@ -184,8 +196,8 @@ impl LockError {
 /// A held repository lock; released when dropped.
 #[derive(Debug)]
 pub struct RepoLock {
-    // Closing the file releases the lock.
-    _file: File,
+    // Closing the file releases the lock; `None` on an object store.
+    _file: Option<File>,
     path: PathBuf,
     record: Option<PathBuf>,
 }
@@ -209,6 +221,17 @@ impl RepoLock {
     /// cannot be opened.
     pub fn acquire(repo: &Repository, mode: LockMode, command: &str, wait: Duration) -> Result<RepoLock, LockError> {
         let path = lock_path(repo);
+        if repo.is_object_store() {
+            // Object stores have no lock yet. Nothing can take the exclusive
+            // lock there, so shared holders (backups) need none; expire,
+            // which needs it, is refused rather than run unprotected.
+            return match mode {
+                LockMode::Shared => Ok(RepoLock { _file: None, path, record: None }),
+                LockMode::Exclusive => {
+                    Err(LockError::Unsupported { repo: repo.location(), command: command.to_string() })
+                }
+            };
+        }
         let io_err = |source| LockError::Io { path: path.clone(), source };
         let file = open_lock_file(&path).map_err(io_err)?;
         let started = Instant::now();
@@ -236,7 +259,7 @@ impl RepoLock {
             since_ms: now_ms(),
         };
         let record = record_holder(&path, &holder, mode);
-        Ok(RepoLock { _file: file, path, record })
+        Ok(RepoLock { _file: Some(file), path, record })
     }
 
     /// The lock file.

@@ -82,7 +82,7 @@ fn validate(name: &WalFileName, bytes: &[u8], cluster: &ClusterInfo) -> Result<(
 pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name: WalFileName = file_name.parse()?;
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     let read_err = |source| Error::Read { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(read_err)?;
@@ -171,21 +171,21 @@ enum Existing {
     DamagedCopy(walvault_formats::object::ObjectError),
 }
 
-/// Compares the stored object with the file being pushed (`new`). Only the
-/// retry path pays for this full read; the first push never does.
+/// Compares the stored object with the file being pushed (`new`): a ranged
+/// read of the header decides; a copy of the same file is then read whole
+/// to check it is intact. Only the retry path pays for this; the first push
+/// never does.
 ///
 /// # Errors
 /// [`Error::Conflict`] if the stored object is another file;
 /// [`Error::Corrupt`] if it is damaged so badly that its content cannot be
 /// told (a broken header): it is then left for an operator to inspect.
 fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &ContentHash) -> Result<Existing> {
-    let bytes = repo.storage().get(key).map_err(|source| Error::Storage {
-        op: "read",
-        name: name.to_string(),
-        repo: repo.location(),
-        source,
-    })?;
-    let header = object::parse_header(&bytes).map_err(|source| Error::Corrupt {
+    let read_err = |source| Error::Storage { op: "read", name: name.to_string(), repo: repo.location(), source };
+    // The header alone (one ranged GET) tells a different file apart; only
+    // a copy of the same file is read whole, to check it is intact.
+    let head = repo.storage().get_range(key, 0, object::HEADER_LEN as u64).map_err(read_err)?;
+    let header = object::parse_header(&head).map_err(|source| Error::Corrupt {
         name: name.to_string(),
         repo: repo.location(),
         source,
@@ -193,6 +193,7 @@ fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &Conte
     if header.hash != *new {
         return Err(Error::Conflict { name: name.to_string(), repo: repo.location(), stored: header.hash, new: *new });
     }
+    let bytes = repo.storage().get(key).map_err(read_err)?;
     Ok(match object::decode(&bytes) {
         Ok(_) => Existing::Intact,
         Err(damage) => Existing::DamagedCopy(damage),

@@ -28,7 +28,7 @@ pub struct RebuildReport {
 
 /// Rebuilds the catalog at `config.catalog` from the repository.
 pub fn rebuild(config: &Config) -> Result<RebuildReport> {
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     let started = now_ms();
     let listing = repo.storage().list(&repo.wal_prefix()).map_err(|source| Error::Storage {

@@ -21,9 +21,11 @@ use walvault_formats::manifest::{Hash, Manifest};
 use walvault_formats::object::{self, Compression, ContentHash, EncodeOptions};
 use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
 
+use crate::config::S3Settings;
 use crate::config::validate_cluster_name;
 use crate::error::{Error, Result};
 use crate::storage::fs::FsStorage;
+use crate::storage::s3::S3Storage;
 use crate::storage::{PutOutcome, Storage, StorageError};
 
 /// Key of the marker object that makes a directory a repository.
@@ -94,10 +96,27 @@ pub fn now_ms() -> i64 {
 }
 
 impl Repository {
+    /// Opens the repository and cluster a configuration names, with its
+    /// `[s3]` settings for `s3://` repositories.
+    pub fn open_config(config: &crate::config::Config) -> Result<Repository> {
+        Repository::open_with(&config.repository, &config.cluster, &config.s3)
+    }
+
     /// Opens cluster `cluster` of the repository at `location` (an absolute
-    /// directory path). Performs no I/O.
+    /// directory path, or `s3://bucket/prefix` with default `[s3]`
+    /// settings). Performs no I/O.
     pub fn open(location: &str, cluster: &str) -> Result<Repository> {
+        Repository::open_with(location, cluster, &S3Settings::default())
+    }
+
+    /// Opens cluster `cluster` of the repository at `location`: an absolute
+    /// directory path or `s3://bucket/prefix`. Performs no network I/O.
+    pub fn open_with(location: &str, cluster: &str, s3: &S3Settings) -> Result<Repository> {
         validate_cluster_name(cluster)?;
+        if location.starts_with("s3://") {
+            let storage = S3Storage::open(location, s3).map_err(Error::Setting)?;
+            return Ok(Repository { storage: Box::new(storage), cluster: cluster.to_string() });
+        }
         if location.contains("://") {
             return Err(Error::UnsupportedRepository(location.to_string()));
         }
@@ -123,6 +142,12 @@ impl Repository {
     /// Where the repository is, for messages.
     pub fn location(&self) -> String {
         self.storage.location()
+    }
+
+    /// Whether the repository is on an object store (`s3://`) rather than
+    /// a local directory.
+    pub fn is_object_store(&self) -> bool {
+        self.location().starts_with("s3://")
     }
 
     /// The cluster name.
@@ -336,7 +361,7 @@ impl Repository {
         match self.storage.head(MARKER_KEY) {
             Ok(Some(_)) => Error::NotInitialized { repo: self.location(), cluster: self.cluster.clone() },
             Ok(None) => {
-                if std::path::Path::new(&self.location()).is_dir() {
+                if !self.is_object_store() && std::path::Path::new(&self.location()).is_dir() {
                     Error::NotARepo(self.location())
                 } else {
                     Error::RepoMissing(self.location())
@@ -410,7 +435,9 @@ impl Repository {
     /// [`Error::ClusterMismatch`] if the name is bound to another cluster.
     pub fn init(&self, identity: &ClusterIdentity) -> Result<bool> {
         let root = self.location();
-        if let Err(e) = std::fs::create_dir(&root)
+        // An object store has no directories: only the marker is written.
+        if !self.is_object_store()
+            && let Err(e) = std::fs::create_dir(&root)
             && e.kind() != std::io::ErrorKind::AlreadyExists
         {
             return Err(match e.kind() {
@@ -488,7 +515,7 @@ mod tests {
         let other = Repository::open(loc, "other").unwrap();
         assert!(matches!(other.cluster_info(), Err(Error::NotInitialized { .. })));
         assert!(Repository::open("relative/path", "main").is_err());
-        assert!(Repository::open("s3://bucket/x", "main").is_err());
+        assert!(Repository::open("gs://bucket/x", "main").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -226,7 +226,7 @@ impl fmt::Display for VerifyReport {
 /// backup. Everything found wrong is in the report.
 pub fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyReport> {
     let started = Instant::now();
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let mut report = verify_repository(&repo, config.grace_secs, opts, now_ms())?;
     report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(report)
@@ -1250,7 +1250,7 @@ mod tests {
             std::fs::rename(&path, &named).unwrap();
             crate::push::push(&config, &named).unwrap();
         }
-        let repo = Repository::open(&config.repository, &config.cluster).unwrap();
+        let repo = Repository::open_config(&config).unwrap();
         let put = |bytes: &[u8]| {
             let h = Hash::from(ContentHash::of(bytes));
             repo.put_data(&h, bytes, &EncodeOptions::default()).unwrap();

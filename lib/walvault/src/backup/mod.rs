@@ -515,7 +515,7 @@ fn record_in_catalog(
 pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
     let started = Instant::now();
     let mut warnings = Vec::new();
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     // Held to the end: expire (exclusive) must not sweep the objects this
     // backup reuses, nor the previous manifest it reads; backups share it.

@@ -838,7 +838,7 @@ pub(crate) mod tests {
                 segment_size: WalSegmentSize::DEFAULT,
             };
             crate::init::init(&config, &identity).unwrap();
-            let repo = Repository::open(&config.repository, &config.cluster).unwrap();
+            let repo = Repository::open_config(&config).unwrap();
             TestRepo { dir, config, repo }
         }
 

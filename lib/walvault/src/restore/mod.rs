@@ -633,7 +633,7 @@ pub fn restore(config: &Config, opts: &RestoreOptions) -> Result<RestoreReport> 
     layout::check_pgdata(&pgdata, opts.delta)?;
 
     // The plan, then the manifest and where each part of it goes.
-    let repo = Repository::open(&config.repository, &config.cluster)?;
+    let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     let req = plan::Request {
         target: goal.to_plan(),

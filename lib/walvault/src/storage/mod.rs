@@ -4,6 +4,7 @@
 //! The contract every backend keeps is written once, here, on [`Storage`].
 
 pub mod fs;
+pub mod s3;
 
 use std::fmt;
 use std::io;
