@@ -1275,6 +1275,25 @@ pub fn backdate_backup(repository: &Path, cluster: &str, id: &str, stop_ms: i64)
     overwrite_file(&path, &stored);
 }
 
+/// The largest file under `dir` (in a repository's `data/`: a chunk or
+/// bundle of the biggest relation).
+pub fn largest_file(dir: &Path) -> PathBuf {
+    let mut best = (0, dir.to_path_buf());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display())) {
+            let e = e.unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display()));
+            let meta = e.metadata().unwrap_or_else(|e| panic!("cannot stat {}: {e}", e));
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.len() > best.0 {
+                best = (meta.len(), e.path());
+            }
+        }
+    }
+    best.1
+}
+
 /// The name of the 16 MiB WAL segment of timeline `timeline` holding `lsn`
 /// (`X/X`), like `pg_walfile_name()`.
 pub fn segment_of_lsn(timeline: u32, lsn: &str) -> String {

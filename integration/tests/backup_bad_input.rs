@@ -7,31 +7,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use walvault_integration::{
-    Config, PgCluster, TestDir, Walvault, archiving_primary, flip_byte, object_path, table_checksum,
+    Config, PgCluster, TestDir, Walvault, archiving_primary, flip_byte, largest_file, object_path, table_checksum,
 };
 
 const LONG: Duration = Duration::from_secs(300);
 
 fn dir_is_empty_or_absent(dir: &Path) -> bool {
     fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
-}
-
-/// The largest file under `dir` (a data object of pgbench_accounts).
-fn largest_file(dir: &Path) -> std::path::PathBuf {
-    let mut best = (0, dir.to_path_buf());
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).expect("read_dir") {
-            let e = e.expect("entry");
-            let meta = e.metadata().expect("metadata");
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else if meta.len() > best.0 {
-                best = (meta.len(), e.path());
-            }
-        }
-    }
-    best.1
 }
 
 #[test]

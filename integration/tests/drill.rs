@@ -3,28 +3,9 @@
 //! `info` shows the last drill either way. Nothing is left behind.
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
-use walvault_integration::{Config, TestDir, Walvault, archiving_primary, flip_byte};
-
-/// The largest file under `dir` (a data object of pgbench_accounts).
-fn largest_file(dir: &Path) -> std::path::PathBuf {
-    let mut best = (0, dir.to_path_buf());
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).expect("read_dir") {
-            let e = e.expect("entry");
-            let meta = e.metadata().expect("metadata");
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else if meta.len() > best.0 {
-                best = (meta.len(), e.path());
-            }
-        }
-    }
-    best.1
-}
+use walvault_integration::{Config, TestDir, Walvault, archiving_primary, flip_byte, largest_file};
 
 #[test]
 fn drill_passes_on_a_good_backup_and_fails_loudly_on_a_corrupt_one() {

@@ -467,12 +467,9 @@ mod tests {
         CHUNK_SIZE, ChunkRef, Entry, EntryKind, FileData, MANIFEST_FORMAT, Manifest, Totals,
     };
     use walvault_formats::object::{ContentHash, EncodeOptions};
-    use walvault_formats::wal::{
-        ClusterIdentity, Lsn, PgVersion, SegmentName, SegmentNo, SystemId, TimelineId, synthetic_segment,
-    };
+    use walvault_formats::wal::{ClusterIdentity, Lsn, SegmentName, SegmentNo, TimelineId, synthetic_segment};
 
     use super::*;
-    use crate::config::Overrides;
     use crate::lock::host_name;
 
     const DAY_MS: i64 = 86_400_000;
@@ -494,21 +491,8 @@ mod tests {
 
     impl T {
         fn new(tag: &str) -> T {
-            let dir = std::env::temp_dir().join(format!("walvault-expire-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let overrides = Overrides {
-                repository: Some(dir.join("repo").display().to_string()),
-                catalog: Some(dir.join("catalog.db")),
-                ..Default::default()
-            };
-            let config = Config::load(&overrides, None).unwrap();
-            let identity = ClusterIdentity {
-                system_id: SystemId(42),
-                pg_version: PgVersion::new(15).unwrap(),
-                segment_size: WalSegmentSize::new(1 << 20).unwrap(),
-            };
-            crate::init::init(&config, &identity).unwrap();
+            let (dir, config, identity) =
+                crate::testing::temp_repo(&format!("expire-{tag}"), 42, WalSegmentSize::new(1 << 20).unwrap());
             let repo = Repository::open_config(&config).unwrap();
             T { dir, config, repo, identity, now_ms: crate::repo::now_ms() }
         }

@@ -57,6 +57,8 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod storage;
+#[cfg(test)]
+mod testing;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -108,31 +108,14 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::Overrides;
     use crate::storage::TEMP_PREFIX;
-    use walvault_formats::wal::{
-        ClusterIdentity, PgVersion, SegmentNo, SystemId, TimelineId, WalSegmentSize, synthetic_segment,
-    };
+    use walvault_formats::wal::{SegmentNo, TimelineId, WalSegmentSize, synthetic_segment};
 
     /// A damaged object is reported and left out, the others are indexed,
     /// and a stale temporary of a killed writer is removed, never indexed.
     #[test]
     fn rebuild_skips_damaged_objects_and_reclaims_stale_temporaries() {
-        let dir = std::env::temp_dir().join(format!("walvault-rebuild-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let overrides = Overrides {
-            repository: Some(dir.join("repo").display().to_string()),
-            catalog: Some(dir.join("catalog.db")),
-            ..Default::default()
-        };
-        let config = Config::load(&overrides, None).unwrap();
-        let id = ClusterIdentity {
-            system_id: SystemId(99),
-            pg_version: PgVersion::new(15).unwrap(),
-            segment_size: WalSegmentSize::new(1 << 20).unwrap(),
-        };
-        crate::init::init(&config, &id).unwrap();
+        let (dir, config, id) = crate::testing::temp_repo("rebuild", 99, WalSegmentSize::new(1 << 20).unwrap());
         for segno in 1..=3u64 {
             let path = dir.join(format!("00000001000000000000000{segno}"));
             std::fs::write(&path, synthetic_segment(&id, TimelineId::FIRST, SegmentNo(segno), 7)).unwrap();

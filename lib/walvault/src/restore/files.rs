@@ -782,10 +782,10 @@ pub fn mark_complete(pgdata: &Path) -> Result<(), RestoreError> {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{Config, Overrides};
+    use crate::config::Config;
     use walvault_formats::manifest::{MANIFEST_FORMAT, Totals};
     use walvault_formats::object::EncodeOptions;
-    use walvault_formats::wal::{ClusterIdentity, Lsn, PgVersion, SystemId, WalSegmentSize};
+    use walvault_formats::wal::{Lsn, WalSegmentSize};
 
     /// A manifest of backup `B1` of cluster `main` with these entries.
     pub(crate) fn manifest_with(entries: &[Entry]) -> Manifest {
@@ -823,21 +823,7 @@ pub(crate) mod tests {
 
     impl TestRepo {
         pub(crate) fn new(tag: &str) -> TestRepo {
-            let dir = std::env::temp_dir().join(format!("walvault-restore-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let overrides = Overrides {
-                repository: Some(dir.join("repo").display().to_string()),
-                catalog: Some(dir.join("catalog.db")),
-                ..Default::default()
-            };
-            let config = Config::load(&overrides, None).unwrap();
-            let identity = ClusterIdentity {
-                system_id: SystemId(77),
-                pg_version: PgVersion::new(15).unwrap(),
-                segment_size: WalSegmentSize::DEFAULT,
-            };
-            crate::init::init(&config, &identity).unwrap();
+            let (dir, config, _) = crate::testing::temp_repo(&format!("restore-{tag}"), 77, WalSegmentSize::DEFAULT);
             let repo = Repository::open_config(&config).unwrap();
             TestRepo { dir, config, repo }
         }
