@@ -241,12 +241,23 @@ impl Storage for FsStorage {
                 let path = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let ft = entry.file_type().map_err(io_err(prefix))?;
+                let ft = match entry.file_type() {
+                    Ok(ft) => ft,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(prefix)(e)),
+                };
                 if ft.is_dir() {
                     stack.push(path);
                     continue;
                 }
-                let meta = entry.metadata().map_err(io_err(prefix))?;
+                // An entry can vanish between readdir and stat: a writer
+                // renaming its temporary into place, an expire deleting.
+                // It is not an error of the listing; it is just not there.
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(prefix)(e)),
+                };
                 if name.starts_with(TEMP_PREFIX) {
                     let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
                     if age > STALE_TEMP_AGE {
