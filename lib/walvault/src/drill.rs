@@ -64,7 +64,6 @@
 //! A comment line that begins `-- expect` but is not `-- expect: VALUE` is
 //! refused, so that a mistyped expectation is never silently a comment.
 
-use std::ffi::CStr;
 use std::fmt;
 use std::io::Write as _;
 use std::os::unix::fs::DirBuilderExt;
@@ -77,6 +76,7 @@ use postgres::{Client, NoTls, SimpleQueryMessage};
 use serde::Serialize;
 use walvault_formats::time::Timestamp;
 
+use crate::backup::session::effective_user_name;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -738,25 +738,9 @@ pub fn parse_controldata(text: &str) -> ControlLimits {
     l
 }
 
-/// Quotes a value for PostgreSQL's configuration files (as
-/// `restore::settings` does): single quotes doubled, backslashes doubled,
-/// control characters escaped so that the value stays on one line.
+/// Quotes a value for PostgreSQL's configuration files.
 fn quote_conf(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\{:03o}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
+    crate::restore::settings::quote_setting(value)
 }
 
 /// The first line of the block a drill appends to `postgresql.auto.conf`.
@@ -892,22 +876,6 @@ pub fn neutralize_includes(conf: &str, base: &Path, exists: &dyn Fn(&Path) -> bo
 // ---------------------------------------------------------------------------
 // The server
 // ---------------------------------------------------------------------------
-
-/// The effective user's name from the password database.
-fn effective_user_name() -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: passwd is plain data; getpwuid_r fills it with pointers into
-    // `buf`, which outlives every use below; `result` is null or `&pwd`.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(libc::geteuid(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
-        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
-            return None;
-        }
-        CStr::from_ptr(pwd.pw_name).to_str().ok().map(str::to_string)
-    }
-}
 
 /// One line from a driver error: the server's message, or the driver's
 /// description with its causes.

@@ -61,7 +61,7 @@ impl std::fmt::Debug for PgEnv {
 }
 
 /// The effective user's name from the password database, as libpq finds it.
-fn effective_user_name() -> Option<String> {
+pub(crate) fn effective_user_name() -> Option<String> {
     let mut buf = vec![0 as libc::c_char; 4096];
     // SAFETY: passwd is plain data; getpwuid_r fills it with pointers into
     // `buf`, which outlives every use below; `result` is null or `&pwd`.

@@ -16,7 +16,7 @@
 
 mod files;
 mod layout;
-mod settings;
+pub(crate) mod settings;
 mod target;
 
 use std::collections::BTreeMap;
