@@ -23,9 +23,12 @@ pub struct CommonArgs {
     /// Configuration file [default: $WALVAULT_CONFIG, else /etc/walvault/walvault.toml]
     #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
-    /// Repository directory (overrides `repository`)
-    #[arg(long, value_name = "PATH", global = true)]
+    /// Repository: a directory or s3://bucket/prefix (replaces the configured ones)
+    #[arg(long, value_name = "LOCATION", global = true)]
     pub repository: Option<String>,
+    /// Only the configured repository with this name (see [[repositories]])
+    #[arg(long, value_name = "NAME", global = true)]
+    pub repo: Option<String>,
     /// Cluster name within the repository (overrides `cluster`)
     #[arg(long, value_name = "NAME", global = true)]
     pub cluster: Option<String>,
@@ -42,6 +45,7 @@ impl CommonArgs {
             repository: self.repository.clone(),
             cluster: self.cluster.clone(),
             catalog: self.catalog.clone(),
+            repo: self.repo.clone(),
         };
         Config::load(&overrides, std::env::var_os("WALVAULT_CONFIG").map(PathBuf::from))
     }

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use walvault::fetch::{ErrorAnswer, FetchOutcome, error_answer, fetch};
-use walvault_bins::{CommonArgs, EXIT_ABORT_RECOVERY, EXIT_FAIL, EXIT_OK, parse_args, report_error};
+use walvault::fetch::{ErrorAnswer, FetchOutcome, error_answer, fetch_all};
+use walvault_bins::{CommonArgs, EXIT_ABORT_RECOVERY, EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
 
 /// Restore one WAL file from the walvault repository (restore_command = 'archive-fetch %f %p').
 #[derive(Parser)]
@@ -31,7 +31,11 @@ fn main() {
             std::process::exit(EXIT_ABORT_RECOVERY);
         }
     };
-    let code = match fetch(&config, &cli.wal_name, &PathBuf::from(&cli.dest)) {
+    let report = fetch_all(&config, &cli.wal_name, &PathBuf::from(&cli.dest));
+    for note in &report.notes {
+        report_warning("archive-fetch", note);
+    }
+    let code = match report.result {
         Ok(FetchOutcome::Restored) => EXIT_OK,
         Ok(FetchOutcome::Missing) => EXIT_FAIL,
         Err(e) => {

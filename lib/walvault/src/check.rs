@@ -396,6 +396,7 @@ pub(crate) fn judge_archive_command(cmd: &str, config: &Config) -> (CheckItem, b
                 repository: call.repository.clone(),
                 cluster: call.cluster.clone(),
                 catalog: None,
+                repo: None,
             };
             match Config::load(&overrides, None) {
                 Ok(c) => (Some(c.repository), Some(c.cluster)),

@@ -41,7 +41,38 @@ struct FileConfig {
     retention: Option<FileRetention>,
     pg_bin: Option<PathBuf>,
     s3: Option<FileS3>,
+    repositories: Option<Vec<FileRepository>>,
 }
+
+/// One `[[repositories]]` entry in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileRepository {
+    name: String,
+    location: String,
+    required: Option<bool>,
+    catalog: Option<PathBuf>,
+    s3: Option<FileS3>,
+}
+
+/// One repository of a configuration: where it is, whether archive-push
+/// needs it, and its own catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoSpec {
+    /// Its name (`default` for the single `repository = …` form).
+    pub name: String,
+    /// A directory or `s3://bucket/prefix`.
+    pub location: String,
+    /// archive-push fails unless the file is stored here.
+    pub required: bool,
+    /// The SQLite catalog that indexes it.
+    pub catalog: PathBuf,
+    /// How to reach it when it is on S3.
+    pub s3: S3Settings,
+}
+
+/// The name of the repository of the single `repository = …` form.
+pub const DEFAULT_REPO_NAME: &str = "default";
 
 /// `[s3]` in the file.
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +217,8 @@ pub struct Overrides {
     pub cluster: Option<String>,
     /// `--catalog`.
     pub catalog: Option<PathBuf>,
+    /// `--repo`: only this configured repository.
+    pub repo: Option<String>,
 }
 
 /// The resolved configuration.
@@ -215,6 +248,10 @@ pub struct Config {
     pub pg_bin: Option<PathBuf>,
     /// `[s3]`: used when `repository` is an `s3://` URL.
     pub s3: S3Settings,
+    /// Every repository, in priority order. `repository`, `catalog` and
+    /// `s3` above describe the first; [`Config::each`] gives a view of
+    /// each one.
+    pub repositories: Vec<RepoSpec>,
 }
 
 /// Checks a cluster name: 1–63 ASCII letters, digits, `_`, `-`, `.`,
@@ -284,18 +321,6 @@ impl Config {
         };
         let cluster = overrides.cluster.clone().or(parsed.cluster).unwrap_or_else(|| "main".to_string());
         validate_cluster_name(&cluster)?;
-        let repository = overrides.repository.clone().or(parsed.repository).ok_or_else(|| {
-            Error::Setting(match &file {
-                Some(f) => format!("no repository: set 'repository' in '{}' or pass --repository", f.display()),
-                None => format!(
-                    "no repository: no configuration file ('{DEFAULT_CONFIG}' does not exist, WALVAULT_CONFIG \
-                     is not set) and no --repository"
-                ),
-            })
-        })?;
-        if repository.is_empty() {
-            return Err(Error::Setting(format!("{} is empty", in_file("repository"))));
-        }
         let catalog = overrides
             .catalog
             .clone()
@@ -343,33 +368,23 @@ impl Config {
         {
             return Err(Error::Setting(format!("{} must be an absolute directory", in_file("pg-bin"))));
         }
-        let f = parsed.s3.unwrap_or_default();
-        let d = S3Settings::default();
-        let request_timeout_secs = duration("s3.request-timeout", f.request_timeout)?.unwrap_or(d.request_timeout_secs);
-        if request_timeout_secs == 0 {
-            return Err(Error::Setting(format!("{} must be at least 1s", in_file("s3.request-timeout"))));
-        }
-        if let Some(p) = &f.credentials_file
-            && !p.is_absolute()
-        {
-            return Err(Error::Setting(format!("{} must be an absolute path", in_file("s3.credentials-file"))));
-        }
-        let s3 = S3Settings {
-            endpoint: f.endpoint,
-            region: f.region.unwrap_or(d.region),
-            path_style: f.path_style.unwrap_or(false),
-            allow_http: f.allow_http.unwrap_or(false),
-            anonymous: f.anonymous.unwrap_or(false),
-            credentials_file: f.credentials_file,
-            request_timeout_secs,
-            retry_budget_secs: duration("s3.retry-budget", f.retry_budget)?.unwrap_or(d.retry_budget_secs),
-        };
+        let top_s3 = parsed.s3.unwrap_or_default();
+        let s3 = s3_settings(&top_s3, None, "s3", &in_file)?;
+        let repositories = repositories(
+            overrides,
+            parsed.repository,
+            parsed.repositories,
+            &RepoDefaults { catalog: &catalog, s3: &s3, top_s3: &top_s3, file: file.as_deref() },
+            &in_file,
+        )?;
+        let first = &repositories[0];
         Ok(Config {
-            s3,
+            s3: first.s3.clone(),
+            repository: first.location.clone(),
+            catalog: first.catalog.clone(),
+            repositories,
             file,
             cluster,
-            repository,
-            catalog,
             compress_level,
             compress_workers,
             fetch_on_error: parsed.fetch_on_error.unwrap_or(FetchOnError::Auto),
@@ -377,6 +392,227 @@ impl Config {
             grace_secs,
             pg_bin: parsed.pg_bin,
         })
+    }
+
+    /// The single-repository view of `spec`: this configuration with only
+    /// that repository.
+    fn view(&self, spec: &RepoSpec) -> Config {
+        Config {
+            repository: spec.location.clone(),
+            catalog: spec.catalog.clone(),
+            s3: spec.s3.clone(),
+            repositories: vec![spec.clone()],
+            ..self.clone()
+        }
+    }
+
+    /// One single-repository view per repository, in priority order.
+    pub fn each(&self) -> Vec<Config> {
+        self.repositories.iter().map(|r| self.view(r)).collect()
+    }
+
+    /// The single-repository view of the repository named `name`.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] naming the configured repositories when there is
+    /// none by that name.
+    pub fn select(&self, name: &str) -> Result<Config> {
+        match self.repositories.iter().find(|r| r.name == name) {
+            Some(spec) => Ok(self.view(spec)),
+            None => Err(Error::Setting(format!(
+                "no repository named '{name}' in the configuration (configured: {})",
+                self.names().join(", ")
+            ))),
+        }
+    }
+
+    /// The names of the repositories, in priority order, quoted.
+    fn names(&self) -> Vec<String> {
+        self.repositories.iter().map(|r| format!("'{}'", r.name)).collect()
+    }
+
+    /// The name of the (first) repository this configuration describes.
+    pub fn repo_name(&self) -> &str {
+        self.repositories.first().map_or(DEFAULT_REPO_NAME, |r| r.name.as_str())
+    }
+
+    /// Whether several repositories are configured.
+    pub fn is_multi(&self) -> bool {
+        self.repositories.len() > 1
+    }
+}
+
+/// What a `[[repositories]]` entry inherits.
+struct RepoDefaults<'a> {
+    catalog: &'a Path,
+    s3: &'a S3Settings,
+    top_s3: &'a FileS3,
+    file: Option<&'a Path>,
+}
+
+/// Resolves the `[s3]` table `own` (a repository's, or the top-level one),
+/// key by key over `base` (the top-level table, for a repository's).
+fn s3_settings(
+    own: &FileS3,
+    base: Option<&FileS3>,
+    table: &str,
+    in_file: &dyn Fn(&str) -> String,
+) -> Result<S3Settings> {
+    let empty = FileS3::default();
+    let base = base.unwrap_or(&empty);
+    let d = S3Settings::default();
+    let duration = |key: &str, v: Option<&String>| -> Result<Option<u64>> {
+        v.map(|v| parse_duration(v).map_err(|e| Error::Setting(format!("{}: {e}", in_file(&format!("{table}.{key}"))))))
+            .transpose()
+    };
+    let request_timeout_secs =
+        duration("request-timeout", own.request_timeout.as_ref().or(base.request_timeout.as_ref()))?
+            .unwrap_or(d.request_timeout_secs);
+    if request_timeout_secs == 0 {
+        return Err(Error::Setting(format!("{} must be at least 1s", in_file(&format!("{table}.request-timeout")))));
+    }
+    let credentials_file = own.credentials_file.clone().or_else(|| base.credentials_file.clone());
+    if let Some(p) = &credentials_file
+        && !p.is_absolute()
+    {
+        return Err(Error::Setting(format!(
+            "{} must be an absolute path",
+            in_file(&format!("{table}.credentials-file"))
+        )));
+    }
+    Ok(S3Settings {
+        endpoint: own.endpoint.clone().or_else(|| base.endpoint.clone()),
+        region: own.region.clone().or_else(|| base.region.clone()).unwrap_or(d.region),
+        path_style: own.path_style.or(base.path_style).unwrap_or(false),
+        allow_http: own.allow_http.or(base.allow_http).unwrap_or(false),
+        anonymous: own.anonymous.or(base.anonymous).unwrap_or(false),
+        credentials_file,
+        request_timeout_secs,
+        retry_budget_secs: duration("retry-budget", own.retry_budget.as_ref().or(base.retry_budget.as_ref()))?
+            .unwrap_or(d.retry_budget_secs),
+    })
+}
+
+/// Checks a repository name: 1–32 of `[a-z0-9_-]`.
+fn validate_repo_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The repository list: `--repository` (one ad-hoc repository), else the
+/// file's `repository` or `[[repositories]]`; then `--repo` picks one.
+fn repositories(
+    overrides: &Overrides,
+    single: Option<String>,
+    list: Option<Vec<FileRepository>>,
+    d: &RepoDefaults<'_>,
+    in_file: &dyn Fn(&str) -> String,
+) -> Result<Vec<RepoSpec>> {
+    let single_spec = |location: String, what: &str| -> Result<RepoSpec> {
+        if location.is_empty() {
+            return Err(Error::Setting(format!("{what} is empty")));
+        }
+        Ok(RepoSpec {
+            name: DEFAULT_REPO_NAME.into(),
+            location,
+            required: true,
+            catalog: d.catalog.to_path_buf(),
+            s3: d.s3.clone(),
+        })
+    };
+    if let Some(location) = overrides.repository.clone() {
+        if overrides.repo.is_some() {
+            return Err(Error::Setting("--repository and --repo both choose a repository: give one of them".into()));
+        }
+        return Ok(vec![single_spec(location, "--repository")?]);
+    }
+    let specs = match (single, list) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Setting(format!(
+                "{} and [[repositories]] are both set: use one form",
+                in_file("repository")
+            )));
+        }
+        (Some(location), None) => vec![single_spec(location, &in_file("repository"))?],
+        (None, Some(list)) => {
+            if list.is_empty() {
+                return Err(Error::Setting(format!("{} lists no repository", in_file("repositories"))));
+            }
+            let mut specs: Vec<RepoSpec> = Vec::with_capacity(list.len());
+            for (i, r) in list.into_iter().enumerate() {
+                let at = |key: &str| in_file(&format!("repositories[{i}].{key}"));
+                if !validate_repo_name(&r.name) {
+                    return Err(Error::Setting(format!(
+                        "{} is '{}': expected 1-32 lowercase letters, digits, '_' or '-'",
+                        at("name"),
+                        r.name.escape_default()
+                    )));
+                }
+                if specs.iter().any(|s| s.name == r.name) {
+                    return Err(Error::Setting(format!("{}: the name '{}' is used twice", at("name"), r.name)));
+                }
+                if r.location.is_empty() {
+                    return Err(Error::Setting(format!("{} is empty", at("location"))));
+                }
+                let catalog = match r.catalog {
+                    Some(c) => c,
+                    None if i == 0 => d.catalog.to_path_buf(),
+                    None => d.catalog.with_file_name(format!("catalog-{}.db", r.name)),
+                };
+                if !catalog.is_absolute() {
+                    return Err(Error::Setting(format!("{} must be an absolute path", at("catalog"))));
+                }
+                let s3 = match &r.s3 {
+                    Some(own) => s3_settings(own, Some(d.top_s3), &format!("repositories[{i}].s3"), in_file)?,
+                    None => d.s3.clone(),
+                };
+                specs.push(RepoSpec {
+                    name: r.name,
+                    location: r.location,
+                    required: r.required.unwrap_or(true),
+                    catalog,
+                    s3,
+                });
+            }
+            if !specs.iter().any(|s| s.required) {
+                return Err(Error::Setting(format!(
+                    "no repository in {} is required: archive-push would succeed without storing anything; \
+                     set required = true on at least one",
+                    in_file("repositories")
+                )));
+            }
+            let mut catalogs: Vec<&Path> = specs.iter().map(|s| s.catalog.as_path()).collect();
+            catalogs.sort();
+            if catalogs.windows(2).any(|w| w[0] == w[1]) {
+                return Err(Error::Setting(format!(
+                    "two repositories in {} share a catalog file: give each its own 'catalog'",
+                    in_file("repositories")
+                )));
+            }
+            specs
+        }
+        (None, None) => {
+            return Err(Error::Setting(match d.file {
+                Some(f) => format!(
+                    "no repository: set 'repository' (or [[repositories]]) in '{}' or pass --repository",
+                    f.display()
+                ),
+                None => format!(
+                    "no repository: no configuration file ('{DEFAULT_CONFIG}' does not exist, WALVAULT_CONFIG \
+                     is not set) and no --repository"
+                ),
+            }));
+        }
+    };
+    match &overrides.repo {
+        None => Ok(specs),
+        Some(name) => match specs.iter().find(|s| &s.name == name) {
+            Some(spec) => Ok(vec![spec.clone()]),
+            None => Err(Error::Setting(format!(
+                "--repo '{name}': no repository by that name in the configuration (configured: {})",
+                specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
+            ))),
+        },
     }
 }
 
@@ -497,6 +733,87 @@ mod example_tests {
         std::fs::write(&p, "repository = \"s3://b/p\"\n[s3]\nrequest-timeout = \"0s\"\n").unwrap();
         assert!(Config::load(&Overrides::default(), Some(p)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod repositories_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn load(tag: &str, text: &str, overrides: Overrides) -> Result<Config> {
+        let p = std::env::temp_dir().join(format!("walvault-config-{}-repos-{tag}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        let r = Config::load(&Overrides { config: Some(p.clone()), ..overrides }, None);
+        std::fs::remove_file(&p).unwrap();
+        r
+    }
+
+    const TWO: &str = "catalog = \"/var/lib/wv/catalog.db\"\n[s3]\nregion = \"eu-west-1\"\nrequest-timeout = \"7s\"\n\
+                       [[repositories]]\nname = \"nas\"\nlocation = \"/mnt/nas\"\n\
+                       [[repositories]]\nname = \"offsite\"\nlocation = \"s3://b/p\"\nrequired = false\n\
+                       [repositories.s3]\nendpoint = \"http://127.0.0.1:9000\"\nallow-http = true\n";
+
+    #[test]
+    fn a_list_of_repositories_in_priority_order() {
+        let c = load("two", TWO, Overrides::default()).unwrap();
+        assert!(c.is_multi());
+        let names: Vec<&str> = c.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["nas", "offsite"]);
+        assert_eq!((c.repository.as_str(), c.repo_name()), ("/mnt/nas", "nas"), "the first is the default view");
+        let (nas, off) = (&c.repositories[0], &c.repositories[1]);
+        assert!(nas.required && !off.required, "required by default");
+        assert_eq!(nas.catalog, PathBuf::from("/var/lib/wv/catalog.db"));
+        assert_eq!(off.catalog, PathBuf::from("/var/lib/wv/catalog-offsite.db"));
+        // A repository's own [s3] keys win, the others come from [s3].
+        assert_eq!(off.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!((off.s3.region.as_str(), off.s3.request_timeout_secs, off.s3.allow_http), ("eu-west-1", 7, true));
+        assert_eq!(nas.s3.endpoint, None);
+        let v = c.select("offsite").unwrap();
+        assert_eq!((v.repository.as_str(), v.catalog.clone(), v.is_multi()), ("s3://b/p", off.catalog.clone(), false));
+        assert_eq!(v.s3, off.s3);
+        let e = c.select("tape").unwrap_err().to_string();
+        assert!(e.contains("'tape'") && e.contains("'nas', 'offsite'"), "{e}");
+        let each: Vec<String> = c.each().into_iter().map(|v| v.repository).collect();
+        assert_eq!(each, ["/mnt/nas", "s3://b/p"]);
+    }
+
+    #[test]
+    fn repo_and_repository_flags() {
+        let c = load("pick", TWO, Overrides { repo: Some("offsite".into()), ..Default::default() }).unwrap();
+        assert_eq!((c.repositories.len(), c.repo_name(), c.repository.as_str()), (1, "offsite", "s3://b/p"));
+        let e = load("pick-bad", TWO, Overrides { repo: Some("x".into()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("--repo 'x'"), "{e}");
+        let c = load("adhoc", TWO, Overrides { repository: Some("/other".into()), ..Default::default() }).unwrap();
+        assert_eq!((c.repositories.len(), c.repo_name(), c.repository.as_str()), (1, DEFAULT_REPO_NAME, "/other"));
+        let both = Overrides { repository: Some("/o".into()), repo: Some("nas".into()), ..Default::default() };
+        assert!(load("both", TWO, both).is_err());
+    }
+
+    #[test]
+    fn bad_lists_are_refused_with_the_key() {
+        let cases = [
+            ("both-forms", "repository = \"/r\"\n[[repositories]]\nname = \"a\"\nlocation = \"/a\"\n", "both set"),
+            (
+                "dup",
+                "[[repositories]]\nname = \"a\"\nlocation = \"/a\"\n[[repositories]]\nname = \"a\"\nlocation = \"/b\"\n",
+                "used twice",
+            ),
+            ("badname", "[[repositories]]\nname = \"A B\"\nlocation = \"/a\"\n", "repositories[0].name"),
+            ("none-required", "[[repositories]]\nname = \"a\"\nlocation = \"/a\"\nrequired = false\n", "required"),
+            ("empty", "[[repositories]]\nname = \"a\"\nlocation = \"\"\n", "repositories[0].location"),
+            (
+                "same-catalog",
+                "[[repositories]]\nname = \"a\"\nlocation = \"/a\"\ncatalog = \"/c.db\"\n\
+                 [[repositories]]\nname = \"b\"\nlocation = \"/b\"\ncatalog = \"/c.db\"\n",
+                "share a catalog",
+            ),
+            ("unknown-key", "[[repositories]]\nname = \"a\"\nlocation = \"/a\"\npriority = 1\n", "priority"),
+        ];
+        for (tag, text, expect) in cases {
+            let e = load(tag, text, Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains(expect) && !e.contains('\n'), "{tag}: {e}");
+        }
     }
 }
 

@@ -189,9 +189,25 @@ pub enum Error {
     /// `walvault expire` refused to run.
     #[error(transparent)]
     Expire(#[from] crate::expire::ExpireError),
+    /// A command run on several repositories failed in some of them.
+    #[error("repository '{name}': {source}{}", failed_too(*count, names))]
+    InRepository {
+        /// The first repository that failed.
+        name: String,
+        /// How many failed.
+        count: usize,
+        /// Their names, quoted and joined.
+        names: String,
+        /// The first repository's error.
+        source: Box<Error>,
+    },
     /// A repository URL scheme this build does not support yet.
     #[error("repository '{0}': only local directories and s3:// URLs are supported")]
     UnsupportedRepository(String),
+}
+
+fn failed_too(count: usize, names: &str) -> String {
+    if count > 1 { format!(" ({count} repositories failed: {names})") } else { String::new() }
 }
 
 fn segment_detail(e: &SegmentError) -> String {
@@ -257,6 +273,7 @@ impl Error {
             Error::Drill(e) => return e.hint(),
             Error::Lock(e) => return e.hint(),
             Error::Expire(e) => return e.hint(),
+            Error::InRepository { source, .. } => return source.hint(),
             Error::NoCatalog(_) => "run 'walvault catalog rebuild' to build it from the repository".into(),
             Error::Catalog { .. } => {
                 "the catalog is only an index: 'walvault catalog rebuild' recreates it from the repository".into()
@@ -271,6 +288,7 @@ impl Error {
             Error::Storage { source, .. } => source.is_transient(),
             Error::Lock(e) => e.is_transient(),
             Error::Expire(e) => e.is_transient(),
+            Error::InRepository { source, .. } => source.is_transient(),
             Error::Catalog { .. } | Error::RepoMissing(_) => true,
             _ => false,
         }

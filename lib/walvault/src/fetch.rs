@@ -60,13 +60,67 @@ fn temp_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// Fetches WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`).
+/// The answer of [`fetch_all`]: the outcome, and what went wrong on the way
+/// in repositories that did not give the file.
+#[derive(Debug)]
+pub struct FetchReport {
+    /// Restored, missing, or the error that decides the answer.
+    pub result: Result<FetchOutcome>,
+    /// One line per repository that failed before another answered; empty
+    /// with a single repository.
+    pub notes: Vec<String>,
+}
+
+/// Fetches WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`) from the
+/// first repository, in priority order, that has it.
 ///
 /// # Errors
 /// An invalid name, an unusable repository, an object that cannot be read
 /// or fails verification (`dest` is then not created), or a failure to
-/// write `dest`.
+/// write `dest`. With several repositories, an error only when none gave
+/// the file and at least one failed: see [`fetch_all`].
 pub fn fetch(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
+    fetch_all(config, name, dest).result
+}
+
+/// [`fetch`], with the notes about repositories that failed. Repositories
+/// are tried in priority order; the first that restores the file wins.
+/// "Missing" is answered only when every repository says so: a repository
+/// that fails (unreachable, a corrupt object) may hold the file, so the
+/// answer is then that failure, never "missing" (DESIGN.md invariant 5).
+pub fn fetch_all(config: &Config, name: &str, dest: &Path) -> FetchReport {
+    if !config.is_multi() {
+        return FetchReport { result: fetch_one(config, name, dest), notes: Vec::new() };
+    }
+    let mut notes = Vec::new();
+    let mut failure = None;
+    for view in config.each() {
+        let spec = &view.repositories[0];
+        match fetch_one(&view, name, dest) {
+            Ok(FetchOutcome::Restored) => return FetchReport { result: Ok(FetchOutcome::Restored), notes },
+            Ok(FetchOutcome::Missing) => {}
+            Err(e @ (Error::Name(_) | Error::Write { .. })) => {
+                // Not the repository's fault: another one will not help.
+                return FetchReport { result: Err(e), notes };
+            }
+            Err(e) => {
+                notes.push(format!("repository '{}' could not give '{name}': {e}", spec.name));
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match failure {
+        Some(e) => {
+            // The first failure is the answer; the notes keep the others.
+            notes.remove(0);
+            FetchReport { result: Err(e), notes }
+        }
+        None => FetchReport { result: Ok(FetchOutcome::Missing), notes },
+    }
+}
+
+/// [`fetch`] from the one repository of `config`.
+fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
     let name: WalFileName = name.parse()?;
     if dest.as_os_str().is_empty() {
         return Err(Error::Setting("the destination path (%p) is empty".into()));

@@ -49,6 +49,7 @@ pub mod info;
 pub mod init;
 pub mod keep;
 pub mod lock;
+pub mod multi;
 pub mod pgdata;
 pub mod plan;
 pub mod push;

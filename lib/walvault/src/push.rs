@@ -9,7 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use walvault_formats::object::{self, ContentHash, EncodeOptions};
-use walvault_formats::wal::{HistoryEntry, SegmentError, TimelineId, WalFileName, parse_history, validate_segment};
+use walvault_formats::wal::{
+    HistoryEntry, SegmentError, TimelineId, WalFileName, WalSegmentSize, parse_history, validate_segment,
+};
 
 use crate::catalog::{Catalog, CatalogCluster, WalRecord};
 use crate::config::Config;
@@ -72,18 +74,33 @@ fn validate(name: &WalFileName, bytes: &[u8], cluster: &ClusterInfo) -> Result<(
     }
 }
 
-/// Archives the file at `path` (PostgreSQL's `%p`). Returns only once the
-/// file is durably stored, or was already stored with identical content.
-///
-/// # Errors
-/// Any failure to read, validate or store; and [`Error::Conflict`] when a
-/// different file is archived under the same name, which is never
-/// overwritten.
-pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let name: WalFileName = file_name.parse()?;
-    let repo = Repository::open_config(config)?;
-    let cluster = repo.cluster_info()?;
+/// One repository to push into, opened, with the cluster it holds.
+struct Target {
+    config: Config,
+    repo: Repository,
+    cluster: ClusterInfo,
+}
+
+impl Target {
+    fn open(config: &Config) -> Result<Target> {
+        let repo = Repository::open_config(config)?;
+        let cluster = repo.cluster_info()?;
+        Ok(Target { config: config.clone(), repo, cluster })
+    }
+}
+
+/// The file, read, compressed and hashed once for every repository.
+struct Prepared {
+    name: WalFileName,
+    header: object::ObjectHeader,
+    bytes: Vec<u8>,
+    stored: Vec<u8>,
+    history: Option<(TimelineId, Vec<HistoryEntry>)>,
+}
+
+/// Reads and encodes the file at `path`; a segment must be
+/// `segment_size` bytes long, checked before it is read.
+fn prepare(config: &Config, path: &Path, name: WalFileName, segment_size: WalSegmentSize) -> Result<Prepared> {
     let read_err = |source| Error::Read { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
@@ -94,18 +111,14 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
     let len = meta.len();
     if let WalFileName::Segment(_) | WalFileName::Partial(_) = name {
         // Refuse a file of the wrong size before reading it.
-        let expected = cluster.identity.segment_size.bytes();
+        let expected = segment_size.bytes();
         if len != expected {
             let source = SegmentError::Size { actual: len, expected };
             return Err(Error::Segment { name: name.to_string(), source });
         }
     }
     let len = usize::try_from(len).map_err(|_| read_err(std::io::Error::other("file too large")))?;
-
     let opts = EncodeOptions { level: config.compress_level, workers: workers_for(config), ..Default::default() };
-    let key = repo.wal_key(&name);
-    let storage_err =
-        |op, source: StorageError| Error::Storage { op, name: name.to_string(), repo: repo.location(), source };
     // Reading, compressing and hashing overlap: each compression thread
     // reads its own piece of the file (pread) and compresses it while this
     // thread hashes the pieces already read.
@@ -113,26 +126,130 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound => read_err(e),
             _ if e.raw_os_error().is_some() => read_err(e),
-            _ => storage_err("compress", StorageError::Io { key: key.clone(), source: e }),
+            _ => Error::Read { path: path.to_path_buf(), source: std::io::Error::other(format!("compress: {e}")) },
         })?;
-    validate(&name, &bytes, &cluster)?;
     // A history file is also indexed by content: the planner follows
     // timelines through the catalog.
     let history = match name {
         WalFileName::History(tli) => parse_history(&bytes).ok().map(|entries| (tli, entries)),
         _ => None,
     };
-    let outcome = repo.storage().put_new(&key, &stored).map_err(|e| storage_err("store", e))?;
+    Ok(Prepared { name, header, bytes, stored, history })
+}
+
+/// Archives the file at `path` (PostgreSQL's `%p`) into every configured
+/// repository. Returns only once the file is durably stored, or was
+/// already stored with identical content, in every required repository; a
+/// failure in an optional one is a warning.
+///
+/// # Errors
+/// Any failure to read, validate or store in a required repository; and
+/// [`Error::Conflict`] when a different file is archived under the same
+/// name in any repository, which is never overwritten.
+pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name: WalFileName = file_name.parse()?;
+    if !config.is_multi() {
+        let target = Target::open(config)?;
+        let prepared = prepare(config, path, name, target.cluster.identity.segment_size)?;
+        return store(&target, &prepared);
+    }
+    push_multi(config, path, name)
+}
+
+/// [`push`] with several repositories: each is opened and written by its
+/// own thread; the file is read and compressed once.
+fn push_multi(config: &Config, path: &Path, name: WalFileName) -> Result<PushOutcome> {
+    let views = config.each();
+    let opened: Vec<Result<Target>> = std::thread::scope(|s| {
+        let handles: Vec<_> = views.iter().map(|v| s.spawn(move || Target::open(v))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Setting("a push thread panicked".into()))))
+            .collect()
+    });
+    let Some(segment_size) = opened.iter().find_map(|t| t.as_ref().ok().map(|t| t.cluster.identity.segment_size))
+    else {
+        // No repository could be opened: the first required one's error.
+        return Err(first_required_error(&views, opened));
+    };
+    let prepared = prepare(config, path, name, segment_size)?;
+    let results: Vec<Result<PushOutcome>> = std::thread::scope(|s| {
+        let prepared = &prepared;
+        let handles: Vec<_> =
+            opened.into_iter().map(|t| s.spawn(move || t.and_then(|t| store(&t, prepared)))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Setting("a push thread panicked".into()))))
+            .collect()
+    });
+    let first_required = views.iter().find(|v| v.repositories[0].required).map_or("", |v| v.repo_name());
+    let mut warnings = Vec::new();
+    let mut status = PushStatus::AlreadyArchived;
+    let mut failure = None;
+    for (view, result) in views.iter().zip(results) {
+        let spec = &view.repositories[0];
+        match result {
+            Ok(outcome) => {
+                if outcome.status == PushStatus::Stored {
+                    status = PushStatus::Stored;
+                }
+                warnings.extend(outcome.warnings.into_iter().map(|w| format!("repository '{}': {w}", spec.name)));
+            }
+            // Another file under the same name is never acceptable, in
+            // any repository.
+            Err(e) if spec.required || matches!(e, Error::Conflict { .. }) => {
+                if failure.is_none() {
+                    failure = Some(e);
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "'{name}' was not stored in optional repository '{}' ({}): {e}; run 'walvault repo sync --from {} \
+                 --to {}' once it is reachable again",
+                spec.name, spec.location, first_required, spec.name
+            )),
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(PushOutcome { status, warnings }),
+    }
+}
+
+/// The error of the first required repository (there always is one).
+fn first_required_error(views: &[Config], opened: Vec<Result<Target>>) -> Error {
+    let mut first = None;
+    for (view, t) in views.iter().zip(opened) {
+        if let Err(e) = t {
+            if view.repositories[0].required {
+                return e;
+            }
+            first.get_or_insert(e);
+        }
+    }
+    first.unwrap_or_else(|| Error::Setting("no repository configured".into()))
+}
+
+/// Stores the prepared file into one repository.
+fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
+    let Target { config, repo, cluster } = target;
+    let Prepared { name, header, bytes, stored, history } = prepared;
+    let name = *name;
+    validate(&name, bytes, cluster)?;
+    let key = repo.wal_key(&name);
+    let storage_err =
+        |op, source: StorageError| Error::Storage { op, name: name.to_string(), repo: repo.location(), source };
+    let outcome = repo.storage().put_new(&key, stored).map_err(|e| storage_err("store", e))?;
     let mut warnings = Vec::new();
     let meta = match outcome {
         PutOutcome::Created(meta) => meta,
-        PutOutcome::Exists => match verify_existing(&repo, &name, &key, &header.hash)? {
+        PutOutcome::Exists => match verify_existing(repo, &name, &key, &header.hash)? {
             Existing::Intact => {
                 // Record it anyway: this retry may follow a push whose
                 // catalog write failed.
                 if let Ok(Some(meta)) = repo.storage().head(&key) {
-                    let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
-                    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record, history.as_ref()) {
+                    let record = WalRecord::of_object(name, cluster.identity.segment_size, header, &meta);
+                    if let Err(e) = record_in_catalog(config, repo, cluster, &record, history.as_ref()) {
                         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
                     }
                 }
@@ -142,7 +259,7 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
                 // The stored object claims this very content but its bytes
                 // are damaged: replacing it with the good copy PostgreSQL
                 // still holds is a repair, not an overwrite of other content.
-                let meta = repo.storage().put_replace(&key, &stored).map_err(|e| storage_err("store", e))?;
+                let meta = repo.storage().put_replace(&key, stored).map_err(|e| storage_err("store", e))?;
                 warnings.push(format!(
                     "'{name}' was archived but its stored copy in repository '{}' was corrupt ({damage}); \
                      replaced it with the intact file",
@@ -155,8 +272,8 @@ pub fn push(config: &Config, path: &Path) -> Result<PushOutcome> {
 
     // The file is durable: from here on nothing may fail the push. The
     // catalog is an index that `catalog rebuild` can always recreate.
-    let record = WalRecord::of_object(name, cluster.identity.segment_size, &header, &meta);
-    if let Err(e) = record_in_catalog(config, &repo, &cluster, &record, history.as_ref()) {
+    let record = WalRecord::of_object(name, cluster.identity.segment_size, header, &meta);
+    if let Err(e) = record_in_catalog(config, repo, cluster, &record, history.as_ref()) {
         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
     }
     Ok(PushOutcome { status: PushStatus::Stored, warnings })

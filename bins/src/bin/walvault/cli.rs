@@ -223,6 +223,35 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// The configured repositories: list them, copy between them
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RepoCommand {
+    /// One line per configured repository: name, location, role, catalog
+    List,
+    /// Copy what one repository has and another lacks (never deletes)
+    Sync {
+        /// The repository to copy from (a name from [[repositories]])
+        #[arg(long, value_name = "NAME")]
+        from: String,
+        /// The repository to copy into
+        #[arg(long, value_name = "NAME")]
+        to: String,
+        /// Say what would be copied; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+        /// Objects copied in parallel
+        #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+    },
 }
 
 #[derive(Subcommand)]

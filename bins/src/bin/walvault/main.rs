@@ -9,7 +9,8 @@ use walvault::init::IdentitySource;
 use walvault::repo::now_ms;
 use walvault_bins::{EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
 
-use cli::{CatalogCommand, Cli, Command};
+use cli::{CatalogCommand, Cli, Command, RepoCommand};
+use walvault::multi;
 
 fn run(cli: Cli) -> walvault::Result<()> {
     let config = cli.common.load()?;
@@ -23,25 +24,33 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 _ => return Err(walvault::Error::Setting("give --pgdata, or --system-id and --pg-version".into())),
             };
             let identity = source.resolve()?;
-            let report = walvault::init::init(&config, &identity)?;
-            for w in &report.warnings {
-                report_warning("walvault", w);
-            }
-            let verb = if report.created { "initialized" } else { "already initialized" };
-            println!(
-                "cluster '{}' in repository '{}' {verb}: system identifier {}, PostgreSQL {}, {} segments",
-                config.cluster, config.repository, identity.system_id, identity.pg_version, identity.segment_size
-            );
+            let outcomes = multi::each(&config, |view| {
+                let report = walvault::init::init(view, &identity)?;
+                for w in &report.warnings {
+                    report_warning("walvault", w);
+                }
+                let verb = if report.created { "initialized" } else { "already initialized" };
+                println!(
+                    "cluster '{}' in repository '{}' {verb}: system identifier {}, PostgreSQL {}, {} segments",
+                    view.cluster, view.repository, identity.system_id, identity.pg_version, identity.segment_size
+                );
+                Ok(())
+            });
+            multi::first_failure(outcomes)?;
         }
         Command::Info { json } => {
-            let info = walvault::info::info(&config, now_ms())?;
+            if !config.is_multi() {
+                let info = walvault::info::info(&config, now_ms())?;
+                return print_report(&info, json);
+            }
+            let all = multi::AllInfo::collect(&config, now_ms());
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&info).map_err(|e| walvault::Error::Setting(e.to_string()))?
-                );
+                print_json(&all.to_json()?)?;
             } else {
-                print!("{info}");
+                print!("{all}");
+            }
+            if all.any_failed() {
+                multi::first_failure(all.repositories)?;
             }
         }
         Command::Backup { dbname, pgdata, jobs, fast, archive_timeout, max_rate } => {
@@ -133,19 +142,43 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 now_ms: now_ms(),
                 wait_secs: wait,
             };
-            let report = walvault::expire::expire(&config, &opts)?;
-            print_report(&report, json)?;
+            let several = config.is_multi();
+            let outcomes = multi::each(&config, |view| {
+                if several && !json {
+                    println!("== {} ==", multi::header(&view.repositories[0]));
+                }
+                let report = walvault::expire::expire(view, &opts)?;
+                print_report(&report, json)
+            });
+            multi::first_failure(outcomes)?;
         }
         Command::Verify { backup, wal, jobs, json } => {
             let jobs = jobs.map_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()), usize::from);
             let opts = walvault::verify::VerifyOptions { backup, wal_only: wal, jobs };
-            let report = walvault::verify::verify(&config, &opts)?;
-            print_report(&report, json)?;
-            if !report.ok() {
+            if !config.is_multi() {
+                let report = walvault::verify::verify(&config, &opts)?;
+                print_report(&report, json)?;
+                if !report.ok() {
+                    eprintln!(
+                        "walvault: error: verify found {} problem(s) in repository '{}' (listed above)",
+                        report.problems.len(),
+                        config.repository
+                    );
+                    std::process::exit(EXIT_FAIL);
+                }
+                return Ok(());
+            }
+            let all = multi::AllVerify::run(&config, &opts);
+            if json {
+                print_json(&all.to_json()?)?;
+            } else {
+                print!("{all}");
+            }
+            if all.problem_count() > 0 {
                 eprintln!(
-                    "walvault: error: verify found {} problem(s) in repository '{}' (listed above)",
-                    report.problems.len(),
-                    config.repository
+                    "walvault: error: verify found {} problem(s) in {} repositories (listed above)",
+                    all.problem_count(),
+                    all.repositories.len()
                 );
                 std::process::exit(EXIT_FAIL);
             }
@@ -202,34 +235,77 @@ fn run(cli: Cli) -> walvault::Result<()> {
             }
         }
         Command::KeepForever { id, undo } => {
-            for w in walvault::keep::keep_forever(&config, &id, !undo)? {
-                report_warning("walvault", &w);
-            }
-            if undo {
-                println!("backup '{id}' is no longer kept forever: the retention policy applies to it again");
-            } else {
-                println!("backup '{id}' is kept forever: expire will never delete it nor the WAL it needs");
-            }
+            let outcomes = multi::each(&config, |view| {
+                for w in walvault::keep::keep_forever(view, &id, !undo)? {
+                    report_warning("walvault", &w);
+                }
+                let place = format!("in repository '{}'", view.repository);
+                if undo {
+                    println!(
+                        "backup '{id}' {place} is no longer kept forever: the retention policy applies to it again"
+                    );
+                } else {
+                    println!("backup '{id}' {place} is kept forever: expire will never delete it nor the WAL it needs");
+                }
+                Ok(())
+            });
+            multi::first_failure(outcomes)?;
         }
         Command::Catalog { command: CatalogCommand::Rebuild } => {
-            let report = walvault::rebuild::rebuild(&config)?;
-            for key in &report.ignored {
-                report_warning("walvault", &format!("ignored '{key}': not a WAL file of this cluster"));
-            }
-            for d in &report.damaged {
-                report_warning("walvault", &format!("not indexed, damaged header: {d}"));
-            }
-            println!(
-                "catalog '{}' rebuilt: {} WAL files and {} backups indexed",
-                config.catalog.display(),
-                report.wal_files,
-                report.backups
-            );
-            if !report.damaged.is_empty() {
-                return Err(walvault::Error::Damaged { repo: config.repository, count: report.damaged.len() });
+            let outcomes = multi::each(&config, |view| {
+                let report = walvault::rebuild::rebuild(view)?;
+                for key in &report.ignored {
+                    report_warning("walvault", &format!("ignored '{key}': not a WAL file of this cluster"));
+                }
+                for d in &report.damaged {
+                    report_warning("walvault", &format!("not indexed, damaged header: {d}"));
+                }
+                println!(
+                    "catalog '{}' rebuilt: {} WAL files and {} backups indexed",
+                    view.catalog.display(),
+                    report.wal_files,
+                    report.backups
+                );
+                if !report.damaged.is_empty() {
+                    return Err(walvault::Error::Damaged {
+                        repo: view.repository.clone(),
+                        count: report.damaged.len(),
+                    });
+                }
+                Ok(())
+            });
+            multi::first_failure(outcomes)?;
+        }
+        Command::Repo { command: RepoCommand::List } => {
+            for r in &config.repositories {
+                let role = if r.required { "required" } else { "optional" };
+                println!("{}\t{}\t{role}\tcatalog {}", r.name, r.location, r.catalog.display());
             }
         }
+        Command::Repo { command: RepoCommand::Sync { from, to, dry_run, json, jobs } } => {
+            repo_sync(&config, &from, &to, dry_run, json, jobs)?;
+        }
     }
+    Ok(())
+}
+
+/// `walvault repo sync`.
+fn repo_sync(
+    config: &walvault::config::Config,
+    from: &str,
+    to: &str,
+    dry_run: bool,
+    json: bool,
+    jobs: u16,
+) -> walvault::Result<()> {
+    let _ = (config, from, to, dry_run, json, jobs);
+    Err(walvault::Error::Setting("repo sync is not wired yet".into()))
+}
+
+/// Prints a JSON value, pretty.
+fn print_json(value: &serde_json::Value) -> walvault::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| walvault::Error::Setting(e.to_string()))?;
+    println!("{text}");
     Ok(())
 }
 

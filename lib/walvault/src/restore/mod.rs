@@ -609,7 +609,52 @@ fn fsync_dir(path: &Path) -> Result<(), RestoreError> {
 /// cannot be used; a data object that is missing or corrupt (naming the file
 /// being restored and the object). After a failure the directory holds no
 /// `global/pg_control` and no signal file, so it cannot be started.
+///
+/// With several repositories, the first (in priority order) that can plan
+/// the restore is used; when one fails before anything was written into
+/// the data directory, the next is tried and a warning says why. The
+/// `restore_command` then reads every repository (the configuration file),
+/// so each WAL file falls back too.
 pub fn restore(config: &Config, opts: &RestoreOptions) -> Result<RestoreReport> {
+    if !config.is_multi() {
+        return restore_from(config, config, opts);
+    }
+    let mut skipped: Vec<String> = Vec::new();
+    let views = config.each();
+    let last = views.len() - 1;
+    for (i, view) in views.iter().enumerate() {
+        let name = view.repo_name();
+        match restore_from(view, config, opts) {
+            Ok(mut report) => {
+                let mut warnings = std::mem::take(&mut skipped);
+                warnings.append(&mut report.warnings);
+                report.warnings = warnings;
+                return Ok(report);
+            }
+            // Something was written: falling back would restore on top of
+            // a half restore; the error says what to do.
+            Err(e) if i == last || started_writing(&opts.pgdata) => return Err(e),
+            Err(e) => {
+                let next = views[i + 1].repo_name();
+                let line = format!("repository '{name}': {e}; trying '{next}'");
+                eprintln!("walvault: warning: {line}");
+                skipped.push(line);
+            }
+        }
+    }
+    // Every iteration returns on the last repository.
+    Err(crate::Error::Setting("no repository configured".into()))
+}
+
+/// Whether a failed restore already wrote into `pgdata` (its marker of an
+/// incomplete restore is there).
+fn started_writing(pgdata: &Path) -> bool {
+    pgdata.join(layout::MARKER).exists()
+}
+
+/// [`restore`] from the one repository of `config`; `full` is the whole
+/// configuration, which decides what `restore_command` reads.
+fn restore_from(config: &Config, full: &Config, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let goal = target::parse_target(&opts.target)?;
     let timeline = target::parse_timeline(opts.target_timeline.as_deref())?;
@@ -662,12 +707,18 @@ pub fn restore(config: &Config, opts: &RestoreOptions) -> Result<RestoreReport> 
         })?),
         None => None,
     };
-    let restore_command = settings::restore_command(
-        &archive_fetch_program(opts),
-        config_file.as_deref(),
-        &repo.location(),
-        repo.cluster(),
-    );
+    // With several repositories, archive-fetch reads them all through the
+    // configuration file; with one, exactly the repository restored from.
+    let location = repo.location();
+    let which = match &config_file {
+        Some(_) if full.is_multi() => None,
+        // A named repository may have its own [repositories.s3] settings,
+        // which only its name finds again.
+        Some(_) if config.repo_name() != crate::config::DEFAULT_REPO_NAME => Some(("--repo", config.repo_name())),
+        _ => Some(("--repository", location.as_str())),
+    };
+    let restore_command =
+        settings::restore_command(&archive_fetch_program(opts), config_file.as_deref(), which, repo.cluster());
 
     // The files.
     let layout = layout::Layout::new(pgdata.clone(), &placed);

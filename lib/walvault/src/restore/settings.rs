@@ -51,15 +51,25 @@ pub fn shell_arg(arg: &str) -> String {
 }
 
 /// The `restore_command`: archive-fetch with the configuration file (when
-/// there is one), the repository and the cluster of this restore, so that
-/// recovery reads from exactly the repository the backup came from.
-pub fn restore_command(program: &Path, config_file: Option<&Path>, repository: &str, cluster: &str) -> String {
+/// there is one), the flag choosing the repository (`("--repository",
+/// location)` or `("--repo", name)`; `None`: every repository of the file,
+/// in its order) and the cluster of this restore, so that recovery reads
+/// from exactly the repositories the backup came from.
+pub fn restore_command(
+    program: &Path,
+    config_file: Option<&Path>,
+    repository: Option<(&str, &str)>,
+    cluster: &str,
+) -> String {
     let mut parts = vec![shell_arg(&program.to_string_lossy())];
     if let Some(f) = config_file {
         parts.push("--config".into());
         parts.push(shell_arg(&f.to_string_lossy()));
     }
-    parts.extend(["--repository".into(), shell_arg(repository), "--cluster".into(), shell_arg(cluster)]);
+    if let Some((flag, value)) = repository {
+        parts.extend([flag.to_string(), shell_arg(value)]);
+    }
+    parts.extend(["--cluster".into(), shell_arg(cluster)]);
     parts.extend(["%f".into(), "%p".into()]);
     parts.join(" ")
 }
@@ -251,7 +261,7 @@ mod tests {
         let cmd = restore_command(
             &PathBuf::from("/opt/wv/archive-fetch"),
             Some(&PathBuf::from("/etc/walvault/it's.toml")),
-            "/mnt/nas/repo",
+            Some(("--repository", "/mnt/nas/repo")),
             "main",
         );
         assert_eq!(
@@ -263,8 +273,17 @@ mod tests {
             quote_setting(&cmd),
             r"'/opt/wv/archive-fetch --config ''/etc/walvault/it''\\''''s.toml'' --repository /mnt/nas/repo --cluster main %f %p'"
         );
-        let no_config = restore_command(&PathBuf::from("archive-fetch"), None, "/r", "db1");
+        let no_config = restore_command(&PathBuf::from("archive-fetch"), None, Some(("--repository", "/r")), "db1");
         assert_eq!(no_config, "archive-fetch --repository /r --cluster db1 %f %p");
+        let all = restore_command(&PathBuf::from("archive-fetch"), Some(&PathBuf::from("/etc/w.toml")), None, "db1");
+        assert_eq!(all, "archive-fetch --config /etc/w.toml --cluster db1 %f %p");
+        let named = restore_command(
+            &PathBuf::from("archive-fetch"),
+            Some(&PathBuf::from("/w.toml")),
+            Some(("--repo", "nas")),
+            "c",
+        );
+        assert_eq!(named, "archive-fetch --config /w.toml --repo nas --cluster c %f %p");
     }
 
     fn block(goal: &Goal, timeline: Timeline, action: Option<TargetAction>, exclusive: bool) -> String {
