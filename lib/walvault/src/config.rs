@@ -706,6 +706,24 @@ mod example_tests {
         assert_eq!(c.s3, S3Settings::default(), "[s3] is commented out in the example");
     }
 
+    /// pg-config-examples/walvault-offsite.toml: a NAS and an optional
+    /// offsite bucket.
+    #[test]
+    fn shipped_offsite_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pg-config-examples/walvault-offsite.toml");
+        let c = Config::load(&Overrides::default(), Some(path)).unwrap();
+        let r: Vec<(&str, &str, bool)> =
+            c.repositories.iter().map(|r| (r.name.as_str(), r.location.as_str(), r.required)).collect();
+        assert_eq!(r, [("nas", "/mnt/nas/walvault", true), ("offsite", "s3://walvault-offsite/db1", false)]);
+        let off = &c.repositories[1];
+        assert_eq!(off.catalog, PathBuf::from("/var/lib/walvault/main/catalog-offsite.db"));
+        assert_eq!(off.s3.endpoint.as_deref(), Some("https://s3.eu-central-1.amazonaws.com"));
+        assert_eq!(
+            (off.s3.region.as_str(), off.s3.request_timeout_secs, off.s3.retry_budget_secs),
+            ("eu-central-1", 20, 60)
+        );
+    }
+
     #[test]
     fn s3_table() {
         let dir = std::env::temp_dir().join(format!("walvault-s3cfg-{}", std::process::id()));

@@ -5,12 +5,14 @@
 //! Layers, each using only those below it:
 //! - formats ([`walvault_formats`]): WAL names, segment headers, the object
 //!   envelope — pure;
-//! - [`storage`]: the [`storage::Storage`] trait and the local backend;
-//! - [`repo`]: the repository layout and cluster identity;
+//! - [`storage`]: the [`storage::Storage`] trait, the local and the S3
+//!   backends;
+//! - [`repo`]: the repository layout and cluster identity; [`lock`];
 //! - [`catalog`]: the SQLite index;
-//! - [`plan`]: the pure PITR planner;
+//! - [`plan`] and [`retention`]: the pure PITR and retention planners;
 //! - commands: [`push`], [`fetch`], [`backup`], [`restore`], [`info`],
-//!   [`rebuild`], [`init`].
+//!   [`rebuild`], [`init`], [`expire`], [`verify`], [`check`], [`drill`],
+//!   [`keep`], [`sync`]; [`multi`] runs them over several repositories.
 //!
 //! ```
 //! use walvault::config::{Config, Overrides};
@@ -58,6 +60,7 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod storage;
+pub mod sync;
 #[cfg(test)]
 mod testing;
 pub mod verify;

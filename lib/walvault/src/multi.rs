@@ -39,7 +39,7 @@ pub fn each<T>(config: &Config, mut command: impl FnMut(&Config) -> Result<T>) -
 /// several; `Ok` when every repository succeeded.
 ///
 /// # Errors
-/// [`Error::InRepositories`] summarizing the failures.
+/// [`Error::InRepository`] summarizing the failures.
 pub fn first_failure<T>(outcomes: Vec<RepoOutcome<T>>) -> Result<Vec<(RepoSpec, T)>> {
     let several = outcomes.len() > 1;
     let mut ok = Vec::with_capacity(outcomes.len());
@@ -79,7 +79,15 @@ pub struct AllInfo {
 impl AllInfo {
     /// Builds the report of every repository of `config`.
     pub fn collect(config: &Config, now_ms: i64) -> AllInfo {
-        AllInfo { repositories: each(config, |view| crate::info::info(view, now_ms)) }
+        AllInfo {
+            repositories: each(config, |view| {
+                // The report comes from the catalog; one read of the
+                // cluster's identity says whether the repository itself
+                // still answers.
+                crate::repo::Repository::open_config(view)?.cluster_info()?;
+                crate::info::info(view, now_ms)
+            }),
+        }
     }
 
     /// Whether any repository could not report.

@@ -298,8 +298,17 @@ fn repo_sync(
     json: bool,
     jobs: u16,
 ) -> walvault::Result<()> {
-    let _ = (config, from, to, dry_run, json, jobs);
-    Err(walvault::Error::Setting("repo sync is not wired yet".into()))
+    let opts = walvault::sync::SyncOptions { dry_run, jobs: usize::from(jobs) };
+    let report = walvault::sync::sync(&config.select(from)?, &config.select(to)?, &opts)?;
+    print_report(&report, json)?;
+    if !report.ok() {
+        eprintln!(
+            "walvault: error: repo sync found {} problem(s) (listed above); everything else was copied",
+            report.problems.len()
+        );
+        std::process::exit(EXIT_FAIL);
+    }
+    Ok(())
 }
 
 /// Prints a JSON value, pretty.

@@ -624,8 +624,19 @@ pub fn restore(config: &Config, opts: &RestoreOptions) -> Result<RestoreReport> 
     let last = views.len() - 1;
     for (i, view) in views.iter().enumerate() {
         let name = view.repo_name();
-        match restore_from(view, config, opts) {
+        // After a fallback, recovery reads only the repository that
+        // answered: one that failed would fail every WAL file PostgreSQL
+        // asks for and does not exist anywhere (the next timeline's history
+        // file), and such a failure stops recovery.
+        let full = if skipped.is_empty() { config } else { view };
+        match restore_from(view, full, opts) {
             Ok(mut report) => {
+                if !skipped.is_empty() {
+                    skipped.push(format!(
+                        "restore_command reads only repository '{name}'; once the others are back, \
+                         'walvault repo sync' fills in what they lack"
+                    ));
+                }
                 let mut warnings = std::mem::take(&mut skipped);
                 warnings.append(&mut report.warnings);
                 report.warnings = warnings;
