@@ -18,14 +18,15 @@ else
     bash scripts/install-deps.sh --check || echo "test.sh: warning: packages are missing; the integration tests will fail" >&2
 fi
 
-step "installing the S3 test server (moto)"
-# CI must have it: the S3 tests fail, never skip, when CI is set and moto is missing.
+step "installing the S3 test servers (moto, s3s-fs)"
+# CI must have them: the S3 tests fail, never skip, when CI is set and a server is missing.
 if [[ -n "${CI:-}" ]]; then
     bash scripts/s3-test-servers.sh
 else
-    bash scripts/s3-test-servers.sh || echo "test.sh: warning: moto could not be installed; the S3 tests will be skipped" >&2
+    bash scripts/s3-test-servers.sh || echo "test.sh: warning: the S3 test servers could not be installed; the S3 tests will be skipped" >&2
 fi
 export WALVAULT_MOTO_SERVER="${WALVAULT_S3_TOOLS:-/var/cache/walvault-test-tools}/moto/bin/moto_server"
+export WALVAULT_S3S_FS="${WALVAULT_S3_TOOLS:-/var/cache/walvault-test-tools}/s3s-fs/bin/s3s-fs"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

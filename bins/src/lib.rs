@@ -26,7 +26,7 @@ pub struct CommonArgs {
     /// Repository: a directory or s3://bucket/prefix (replaces the configured ones)
     #[arg(long, value_name = "LOCATION", global = true)]
     pub repository: Option<String>,
-    /// Only the configured repository with this name (see [[repositories]])
+    /// Only the configured repository with this name (one of `[[repositories]]`)
     #[arg(long, value_name = "NAME", global = true)]
     pub repo: Option<String>,
     /// Cluster name within the repository (overrides `cluster`)

@@ -42,6 +42,7 @@
 //! pg.wait_archived(&segment, std::time::Duration::from_secs(60));
 //! ```
 
+pub mod proxy;
 pub mod s3;
 
 use std::collections::BTreeMap;

@@ -85,6 +85,13 @@ const MIGRATIONS: &[&str] = &[
         rto_ms INTEGER NOT NULL,
         detail TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // 4: what the conditional-create probe found out about each
+    // repository's store (read by archive-push instead of the network).
+    "CREATE TABLE store_probe (
+        repository TEXT PRIMARY KEY,
+        conditional_create TEXT NOT NULL CHECK (conditional_create IN ('honoured', 'ignored')),
+        probed_at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a writer waits for another's transaction before giving up.
@@ -503,6 +510,32 @@ impl Catalog {
             }
         }
         tx.commit().map_err(fail)
+    }
+
+    /// Records what the conditional-create probe found for `repository`
+    /// (its location): whether the store honours `If-None-Match: *`.
+    /// Replaces an older record.
+    pub fn record_store_probe(&self, repository: &str, honoured: bool, probed_at_ms: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO store_probe (repository, conditional_create, probed_at_ms) VALUES (?1, ?2, ?3)",
+                params![repository, if honoured { "honoured" } else { "ignored" }, probed_at_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The recorded probe of `repository`: whether its store honours
+    /// conditional create, and when that was found; `None` if never probed.
+    pub fn store_probe(&self, repository: &str) -> Result<Option<(bool, i64)>> {
+        self.conn
+            .query_row(
+                "SELECT conditional_create, probed_at_ms FROM store_probe WHERE repository = ?1",
+                params![repository],
+                |r| Ok((r.get::<_, String>(0)? == "honoured", r.get::<_, i64>(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// Records a drill (replacing one with the same id).

@@ -399,7 +399,12 @@ pub(crate) fn judge_archive_command(cmd: &str, config: &Config) -> (CheckItem, b
                 repo: None,
             };
             match Config::load(&overrides, None) {
-                Ok(c) => (Some(c.repository), Some(c.cluster)),
+                // With several repositories, archive-push stores into each:
+                // the one checked here is the one that counts.
+                Ok(c) => {
+                    let mine = c.repositories.iter().find(|r| same_location(&r.location, &config.repository));
+                    (Some(mine.map_or(c.repository.clone(), |r| r.location.clone())), Some(c.cluster))
+                }
                 Err(e) => {
                     let detail = format!("'{cmd}' runs archive-push with a configuration check cannot load: {e}");
                     return (item(CHECK, CheckStatus::Failed, detail), false);
@@ -633,7 +638,29 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Result<CheckReport> {
     let cluster = repo.cluster_info()?;
     let pg = session::connection_config(&opts.env, opts.connection.as_deref()).map_err(Error::Backup)?;
     let mut db = Session::connect(&pg).map_err(Error::Backup)?;
-    run(config, &repo, &cluster, &mut db, opts.timeout).map_err(into_error)
+    let mut report = run(config, &repo, &cluster, &mut db, opts.timeout).map_err(into_error)?;
+    if repo.is_object_store() {
+        report.checks.push(judge_conditional_create(config, &repo));
+    }
+    Ok(report)
+}
+
+/// Probes whether the object store honours `If-None-Match: *` and records
+/// the answer (the repository and the catalog), which archive-push follows.
+fn judge_conditional_create(config: &Config, repo: &Repository) -> CheckItem {
+    const CHECK: &str = "conditional create";
+    let catalog = crate::catalog::Catalog::open(&config.catalog).ok();
+    match crate::probe::probe_and_record(repo, catalog.as_ref()) {
+        Ok(r) if r.honoured => item(
+            CHECK,
+            CheckStatus::Ok,
+            "the store honours If-None-Match: archive-push stores each file with one create-only request",
+        ),
+        Ok(r) => item(CHECK, CheckStatus::Note, r.warnings.join("; ")),
+        Err(e) => {
+            item(CHECK, CheckStatus::Failed, format!("unable to probe whether the store honours If-None-Match: {e}"))
+        }
+    }
 }
 
 fn run(

@@ -86,6 +86,7 @@ struct FileS3 {
     credentials_file: Option<PathBuf>,
     request_timeout: Option<String>,
     retry_budget: Option<String>,
+    conditional_create: Option<crate::probe::ConditionalCreateSetting>,
 }
 
 /// `[s3]`: how to reach an `s3://bucket/prefix` repository. Holds no
@@ -113,6 +114,9 @@ pub struct S3Settings {
     /// `retry-budget`: total time transient failures are retried for,
     /// seconds (default 120).
     pub retry_budget_secs: u64,
+    /// `conditional-create`: how archive-push keeps create-once on a store
+    /// (`auto`: follow the probe `walvault init`/`check` recorded).
+    pub conditional_create: crate::probe::ConditionalCreateSetting,
 }
 
 impl Default for S3Settings {
@@ -126,6 +130,7 @@ impl Default for S3Settings {
             credentials_file: None,
             request_timeout_secs: 30,
             retry_budget_secs: 120,
+            conditional_create: crate::probe::ConditionalCreateSetting::Auto,
         }
     }
 }
@@ -490,6 +495,7 @@ fn s3_settings(
         request_timeout_secs,
         retry_budget_secs: duration("retry-budget", own.retry_budget.as_ref().or(base.retry_budget.as_ref()))?
             .unwrap_or(d.retry_budget_secs),
+        conditional_create: own.conditional_create.or(base.conditional_create).unwrap_or_default(),
     })
 }
 

@@ -239,6 +239,7 @@ impl Error {
                  name, and compare the file with 'archive-fetch'"
                     .into()
             }
+            Error::Storage { source, .. } if source.hint().is_some() => return source.hint(),
             Error::Storage { source, .. } => match source.io_kind() {
                 Some(io::ErrorKind::StorageFull) => {
                     "free space in the repository; PostgreSQL keeps the WAL and retries".into()
@@ -254,6 +255,9 @@ impl Error {
                 "move the damaged object aside: if PostgreSQL still has the file, its next archive attempt stores \
                  an intact copy; otherwise copy it from another repository"
                     .into()
+            }
+            Error::RepoMissing(r) if r.starts_with("s3://") => {
+                "check the bucket and prefix in 'repository' and s3.endpoint, or run 'walvault init'".into()
             }
             Error::RepoMissing(_) => {
                 "check the path and that the file system holding it is mounted; 'walvault init' creates the \

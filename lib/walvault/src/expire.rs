@@ -304,7 +304,8 @@ fn run(config: &Config, opts: &ExpireOptions, mut budget: Budget) -> Result<Expi
     let cluster = repo.cluster_info()?;
     // A dry run deletes nothing: it only must not watch an expire halfway.
     let mode = if opts.dry_run { LockMode::Shared } else { LockMode::Exclusive };
-    let _lock = RepoLock::acquire(&repo, mode, "expire", Duration::from_secs(opts.wait_secs))?;
+    let lock = RepoLock::acquire_config(config, mode, "expire", Duration::from_secs(opts.wait_secs))?;
+    report.notes.extend(lock.notes().iter().cloned());
 
     // Invariant 6: the repository decides, under the lock, so no backup can
     // appear between this reading and the deletions.
@@ -750,7 +751,7 @@ mod tests {
         drop(held);
         // A backup shares the lock: expire waits for it or fails; a dry run
         // runs beside it.
-        let backup = RepoLock::acquire(&t.repo, LockMode::Shared, "backup", Duration::ZERO).unwrap();
+        let backup = RepoLock::acquire_config(&t.config, LockMode::Shared, "backup", Duration::ZERO).unwrap();
         let e = expire(&t.config, &t.opts(1)).unwrap_err().to_string();
         assert!(e.contains("is locked by backup (pid"), "{e}");
         let dry = expire(&t.config, &ExpireOptions { dry_run: true, ..t.opts(1) }).unwrap();

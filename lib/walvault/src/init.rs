@@ -61,8 +61,20 @@ pub fn init(config: &Config, identity: &ClusterIdentity) -> Result<InitReport> {
     let created = repo.init(identity)?;
     let mut warnings = Vec::new();
     let bound = CatalogCluster { name: config.cluster.clone(), repository: repo.location(), identity: *identity };
-    if let Err(e) = Catalog::open(&config.catalog).and_then(|c| c.bind(&bound)) {
+    let catalog = Catalog::open(&config.catalog).and_then(|c| c.bind(&bound).map(|()| c));
+    if let Err(e) = &catalog {
         warnings.push(format!("the repository is initialized but the catalog is not: {e}"));
+    }
+    if repo.is_object_store() {
+        // Does the store honour If-None-Match? Recorded in the repository
+        // and the catalog; archive-push follows it.
+        match crate::probe::probe_and_record(&repo, catalog.as_ref().ok()) {
+            Ok(report) => warnings.extend(report.warnings),
+            Err(e) => warnings.push(format!(
+                "unable to probe whether the store honours conditional writes ({e}); archive-push checks before \
+                 each write until 'walvault check' records a probe"
+            )),
+        }
     }
     Ok(InitReport { created, warnings })
 }

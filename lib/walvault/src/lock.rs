@@ -4,18 +4,45 @@
 //! interleave. archive-push and archive-fetch never take it: they must never
 //! wait on maintenance.
 //!
-//! The lock is an advisory `flock` on `<repository>/<cluster>/lock` (created
-//! if missing), through [`std::fs::File::lock`]. The kernel releases it when
-//! its holder dies, even by `kill -9`, so a crash never leaves the repository
-//! locked; on NFS, Linux maps it to a byte-range lock that the server
-//! releases when the dead client's lease expires.
+//! Two implementations behind one guard, [`RepoLock`]:
 //!
-//! Each holder records itself in `<cluster>/lock.d/<command>+<pid>+<n>`:
-//! command, pid, host and since when, so that a conflict names who holds the
-//! lock. The `+` keeps these files out of storage listings (it is not a
-//! valid key character). A record left by a killed process is ignored once
-//! its pid is known to be dead on this host, and removed by the next holder
-//! that can tell.
+//! - **Local repositories**: an advisory `flock` on
+//!   `<repository>/<cluster>/lock` (created if missing), through
+//!   [`std::fs::File::lock`]. The kernel releases it when its holder dies,
+//!   even by `kill -9`, so a crash never leaves the repository locked; on
+//!   NFS, Linux maps it to a byte-range lock that the server releases when
+//!   the dead client's lease expires. Each holder records itself in
+//!   `<cluster>/lock.d/<command>+<pid>+<n>`: command, pid, host and since
+//!   when, so that a conflict names who holds the lock. The `+` keeps these
+//!   files out of storage listings (it is not a valid key character). A
+//!   record left by a killed process is ignored once its pid is known to be
+//!   dead on this host, and removed by the next holder that can tell.
+//! - **Object stores** (`s3://`), which have no lock: lock *objects* under
+//!   `<cluster>/locks/`, built on [`crate::storage::Storage::put_new`] being an atomic
+//!   create (If-None-Match on S3). The exclusive holder creates
+//!   `locks/exclusive`; each shared holder creates its own
+//!   `locks/shared-<host>-<pid>-<token>`. Each side writes its own object
+//!   *first* and only then looks for the other kind (the exclusive side
+//!   lists `locks/shared-`, a shared side reads `locks/exclusive`); on a
+//!   conflict it deletes its object again and waits or fails, naming the
+//!   holder. S3 is strongly read-after-write consistent, so of two racing
+//!   sides at least one sees the other: both may back off, never both go
+//!   on. A holder refreshes its object every [`Lease::refresh`] from a
+//!   background thread; an object not refreshed for [`Lease::stale`] is
+//!   stale (its holder died without cleaning up, or lost the store): it is
+//!   reported in [`RepoLock::notes`] and removed. A dropped guard deletes
+//!   its object. The same code runs on a local directory (its `put_new` is
+//!   an atomic create too); the unit tests exercise it there.
+//!
+//! Local repositories keep `flock` because it is strictly better where it
+//! exists: a killed holder frees the lock at once instead of after a lease,
+//! and there is no clock to trust.
+//!
+//! The object lock is only as safe as the conditional create: a store that
+//! ignores `If-None-Match` lets two exclusive holders overwrite each other.
+//! An exclusive holder therefore checks, once its object is written, that
+//! a second conditional create of the same key is refused, and fails with
+//! [`LockError::UnsafeStore`] when it is not.
 //!
 //! Waiting: [`RepoLock::acquire`] takes a timeout. `walvault expire` waits
 //! none by default (it fails at once, naming the holder; `--wait SECS`
@@ -24,21 +51,30 @@
 //! one that starts late.
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use walvault_formats::time::Timestamp;
 
+use crate::config::Config;
 use crate::repo::{Repository, now_ms};
+use crate::storage::{PutOutcome, StorageError};
 
-/// The lock file, under the cluster's directory.
+/// The lock file, under the cluster's directory (local repositories).
 pub const LOCK_FILE: &str = "lock";
-/// The directory of holder records, under the cluster's directory.
+/// The directory of holder records, under the cluster's directory (local
+/// repositories).
 pub const HOLDERS_DIR: &str = "lock.d";
+/// The folder of lock objects, under the cluster's prefix (object stores).
+pub const LOCKS_DIR: &str = "locks";
 /// How long a backup waits for an expire to release the lock.
 pub const BACKUP_WAIT: Duration = Duration::from_secs(3600);
 
@@ -46,8 +82,10 @@ pub const BACKUP_WAIT: Duration = Duration::from_secs(3600);
 /// records itself just after taking the lock and removes its record just
 /// before releasing it, and a conflict should name it.
 const SETTLE: Duration = Duration::from_millis(500);
-/// How often a waiter tries again.
+/// How often a waiter tries again (local lock).
 const POLL: Duration = Duration::from_millis(100);
+/// How often a waiter tries again (object lock: each try is a few requests).
+const OBJECT_POLL: Duration = Duration::from_millis(500);
 
 /// How the lock is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +96,25 @@ pub enum LockMode {
     Exclusive,
 }
 
-/// Who holds (or held) the lock, as recorded in `lock.d/`.
+/// The lease of an object lock: how often a holder rewrites its object,
+/// and after how long without a rewrite the object is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// How often the holder refreshes its lock object.
+    pub refresh: Duration,
+    /// An object not refreshed for this long is stale and removed; several
+    /// refresh periods, so that a slow store or a few failed refreshes do
+    /// not break a live lock.
+    pub stale: Duration,
+}
+
+impl Lease {
+    /// Refreshed every 5 minutes, stale after 30.
+    pub const DEFAULT: Lease = Lease { refresh: Duration::from_secs(300), stale: Duration::from_secs(1800) };
+}
+
+/// Who holds (or held) the lock, as recorded in `lock.d/` (local) or in
+/// its lock object (object stores).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     /// The walvault command: `expire`, `backup`.
@@ -71,6 +127,13 @@ pub struct Holder {
     pub host: String,
     /// When it took the lock, ms since the epoch.
     pub since_ms: i64,
+    /// When it last refreshed its lock object, ms since the epoch (object
+    /// locks; 0 in local records).
+    #[serde(default)]
+    pub refreshed_ms: i64,
+    /// A random token telling this holder's object from another's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 impl std::fmt::Display for Holder {
@@ -96,6 +159,11 @@ fn waited_text(waited: &Duration) -> String {
     if *waited >= Duration::from_secs(1) { format!(" (waited {} s)", waited.as_secs()) } else { String::new() }
 }
 
+fn minutes(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 && s.is_multiple_of(60) { format!("{} min", s / 60) } else { format!("{s} s") }
+}
+
 /// Why the lock cannot be taken.
 #[derive(Debug, Error)]
 pub enum LockError {
@@ -104,12 +172,15 @@ pub enum LockError {
     Busy {
         /// The repository.
         repo: String,
-        /// The lock file.
+        /// The lock file, or the lock object's key.
         path: PathBuf,
         /// Who holds it, as recorded (may be empty).
         holders: Vec<Holder>,
         /// How long this command waited.
         waited: Duration,
+        /// For an object lock, after how long without a refresh a holder's
+        /// object is stale; `None` for the local lock.
+        stale_after: Option<Duration>,
     },
     /// The lock is held, but every recorded holder is a process of this
     /// host that no longer runs.
@@ -125,14 +196,32 @@ pub enum LockError {
         /// The dead holders.
         holders: Vec<Holder>,
     },
-    /// The repository is on an object store, which has no exclusive lock
-    /// yet.
-    #[error("'{command}' needs the exclusive repository lock, which S3 repositories do not support yet ('{repo}')")]
-    Unsupported {
+    /// The object store accepted a second conditional create of the same
+    /// key: it ignores `If-None-Match`, so an object lock cannot keep two
+    /// commands apart.
+    #[error(
+        "repository '{repo}' cannot be locked: its store overwrote the existing lock object '{key}' on a \
+         create-only write (it ignores If-None-Match), so '{command}' could run beside another command"
+    )]
+    UnsafeStore {
         /// The repository.
         repo: String,
+        /// The lock object.
+        key: String,
         /// The command that asked.
         command: String,
+    },
+    /// A lock object cannot be written, read, listed or deleted.
+    #[error("unable to {op} lock object '{key}' in repository '{repo}': {source}")]
+    Storage {
+        /// What was attempted: `create`, `read`, `list`, `delete`.
+        op: &'static str,
+        /// The repository.
+        repo: String,
+        /// The lock object or prefix.
+        key: String,
+        /// Why.
+        source: StorageError,
     },
     /// The lock file cannot be created, opened or locked.
     #[error("unable to lock '{}': {source}", path.display())]
@@ -148,16 +237,24 @@ impl LockError {
     /// What the user can do about it.
     pub fn hint(&self) -> Option<String> {
         Some(match self {
-            LockError::Busy { holders, .. } => {
+            LockError::Busy { holders, stale_after, .. } => {
                 let mut hint = "let it finish, then run the command again ('walvault expire --wait SECS' waits for \
                                 the lock)"
                     .to_string();
                 let here = host_name();
                 if let Some(h) = holders.iter().find(|h| h.host != here) {
-                    hint.push_str(&format!(
-                        "; if host {} is down, its lock lasts until the NFS server notices (its lease expires)",
-                        h.host
-                    ));
+                    match stale_after {
+                        None => hint.push_str(&format!(
+                            "; if host {} is down, its lock lasts until the NFS server notices (its lease expires)",
+                            h.host
+                        )),
+                        Some(d) => hint.push_str(&format!(
+                            "; if host {} is down, its lock object goes stale {} after its last refresh and the \
+                             next command removes it",
+                            h.host,
+                            minutes(*d)
+                        )),
+                    }
                 }
                 hint
             }
@@ -167,6 +264,18 @@ impl LockError {
                  repository on any host, delete '{0}' and run the command again",
                 path.display()
             ),
+            LockError::UnsafeStore { .. } => "this store does not honour conditional writes (If-None-Match: *): \
+                                              use a store that does (AWS S3, MinIO, Ceph RGW, recent Garage), or \
+                                              run expire only when no backup can run"
+                .into(),
+            LockError::Storage { source, .. } => match source.io_kind() {
+                Some(io::ErrorKind::PermissionDenied) => {
+                    "every command that takes the lock must be allowed to put, get, list and delete objects under \
+                     '<cluster>/locks/'"
+                        .into()
+                }
+                _ => return None,
+            },
             LockError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 "the lock file must be readable by every user running walvault commands (usually 'postgres')".into()
             }
@@ -177,9 +286,6 @@ impl LockError {
                     .into()
             }
             LockError::Io { .. } => return None,
-            LockError::Unsupported { .. } => {
-                "run expire against a local repository for now; backups, archiving and restores work on S3".into()
-            }
         })
     }
 
@@ -187,19 +293,53 @@ impl LockError {
     pub fn is_transient(&self) -> bool {
         match self {
             LockError::Busy { .. } => true,
-            LockError::PossiblyStale { .. } | LockError::Unsupported { .. } => false,
+            LockError::PossiblyStale { .. } | LockError::UnsafeStore { .. } => false,
+            LockError::Storage { source, .. } => source.is_transient(),
             LockError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
         }
     }
 }
 
 /// A held repository lock; released when dropped.
-#[derive(Debug)]
-pub struct RepoLock {
-    // Closing the file releases the lock; `None` on an object store.
-    _file: Option<File>,
+pub struct RepoLock<'r> {
     path: PathBuf,
-    record: Option<PathBuf>,
+    notes: Vec<String>,
+    kind: Kind<'r>,
+}
+
+enum Kind<'r> {
+    /// Closing the file releases the flock.
+    File { _file: File, record: Option<PathBuf> },
+    /// Deleting the object releases the object lock.
+    Object { store: Store<'r>, key: String, refresher: Option<Refresher> },
+}
+
+/// The storage an object lock deletes its object from when dropped.
+enum Store<'r> {
+    Borrowed(&'r Repository),
+    Owned(Arc<Repository>),
+}
+
+impl Store<'_> {
+    fn repo(&self) -> &Repository {
+        match self {
+            Store::Borrowed(r) => r,
+            Store::Owned(r) => r,
+        }
+    }
+}
+
+/// The thread that keeps an object lock's lease: it rewrites the object
+/// every [`Lease::refresh`] until told to stop.
+struct Refresher {
+    stop: mpsc::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RepoLock<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoLock").field("path", &self.path).field("notes", &self.notes).finish_non_exhaustive()
+    }
 }
 
 /// Numbers the records of one process (tests take several locks).
@@ -210,28 +350,34 @@ pub fn lock_path(repo: &Repository) -> PathBuf {
     Path::new(&repo.location()).join(repo.cluster()).join(LOCK_FILE)
 }
 
-impl RepoLock {
+impl<'r> RepoLock<'r> {
     /// Takes the lock of `repo`'s cluster in `mode` for `command`, waiting
     /// up to `wait` for a conflicting holder to finish.
+    ///
+    /// On an object store the lock object is not refreshed: this is for
+    /// holders that finish well within [`Lease::stale`] (keep-forever).
+    /// Long holders use [`RepoLock::acquire_config`].
     ///
     /// # Errors
     /// [`LockError::Busy`] naming the holders when it is still held after
     /// `wait`; [`LockError::PossiblyStale`] when every recorded holder is
     /// dead yet the lock is held; [`LockError::Io`] when the lock file
-    /// cannot be opened.
-    pub fn acquire(repo: &Repository, mode: LockMode, command: &str, wait: Duration) -> Result<RepoLock, LockError> {
-        let path = lock_path(repo);
+    /// cannot be opened; on object stores [`LockError::Storage`] and
+    /// [`LockError::UnsafeStore`].
+    pub fn acquire(repo: &'r Repository, mode: LockMode, command: &str, wait: Duration) -> Result<Self, LockError> {
         if repo.is_object_store() {
-            // Object stores have no lock yet. Nothing can take the exclusive
-            // lock there, so shared holders (backups) need none; expire,
-            // which needs it, is refused rather than run unprotected.
-            return match mode {
-                LockMode::Shared => Ok(RepoLock { _file: None, path, record: None }),
-                LockMode::Exclusive => {
-                    Err(LockError::Unsupported { repo: repo.location(), command: command.to_string() })
-                }
-            };
+            let held = take_objects(repo, mode, command, wait, Lease::DEFAULT)?;
+            return Ok(RepoLock {
+                path: PathBuf::from(&held.key),
+                notes: held.notes,
+                kind: Kind::Object { store: Store::Borrowed(repo), key: held.key, refresher: None },
+            });
         }
+        Self::acquire_file(repo, mode, command, wait)
+    }
+
+    fn acquire_file(repo: &Repository, mode: LockMode, command: &str, wait: Duration) -> Result<Self, LockError> {
+        let path = lock_path(repo);
         let io_err = |source| LockError::Io { path: path.clone(), source };
         let file = open_lock_file(&path).map_err(io_err)?;
         let started = Instant::now();
@@ -257,25 +403,386 @@ impl RepoLock {
             pid: std::process::id(),
             host: host_name(),
             since_ms: now_ms(),
+            refreshed_ms: 0,
+            token: String::new(),
         };
         let record = record_holder(&path, &holder, mode);
-        Ok(RepoLock { _file: Some(file), path, record })
+        Ok(RepoLock { path, notes: Vec::new(), kind: Kind::File { _file: file, record } })
     }
 
-    /// The lock file.
+    /// The lock file, or the key of the lock object.
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// What taking the lock found worth reporting: stale lock objects it
+    /// removed. Empty for the local lock.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
 }
 
-impl Drop for RepoLock {
+impl RepoLock<'static> {
+    /// Takes the lock of the repository and cluster `config` names, like
+    /// [`RepoLock::acquire`]; on an object store the guard owns its own
+    /// connection and refreshes its lock object from a background thread
+    /// for as long as it is held. For long holders: backups, expire.
+    ///
+    /// # Errors
+    /// As [`RepoLock::acquire`], and the errors of opening the repository.
+    pub fn acquire_config(
+        config: &Config,
+        mode: LockMode,
+        command: &str,
+        wait: Duration,
+    ) -> crate::error::Result<RepoLock<'static>> {
+        let repo = Repository::open_config(config)?;
+        if repo.is_object_store() {
+            return Ok(Self::acquire_objects(Arc::new(repo), mode, command, wait, Lease::DEFAULT)?);
+        }
+        Ok(Self::acquire_file(&repo, mode, command, wait)?)
+    }
+
+    /// Takes the object lock (see the module documentation) on any
+    /// repository whose storage creates atomically, with `lease`, and keeps
+    /// it refreshed until the guard is dropped. [`RepoLock::acquire_config`]
+    /// uses it for `s3://` repositories; tests use it directly.
+    ///
+    /// # Errors
+    /// [`LockError::Busy`] naming the holders when the lock is still held
+    /// after `wait`; [`LockError::UnsafeStore`] when the store ignores
+    /// create-only writes; [`LockError::Storage`] when the store fails.
+    pub fn acquire_objects(
+        repo: Arc<Repository>,
+        mode: LockMode,
+        command: &str,
+        wait: Duration,
+        lease: Lease,
+    ) -> Result<RepoLock<'static>, LockError> {
+        let held = take_objects(&repo, mode, command, wait, lease)?;
+        let refresher = spawn_refresher(Arc::clone(&repo), held.key.clone(), held.holder, lease.refresh);
+        Ok(RepoLock {
+            path: PathBuf::from(&held.key),
+            notes: held.notes,
+            kind: Kind::Object { store: Store::Owned(repo), key: held.key, refresher: Some(refresher) },
+        })
+    }
+}
+
+impl Drop for RepoLock<'_> {
     fn drop(&mut self) {
-        // The record goes first, so that a holder named in a conflict
-        // holds the lock (or did a moment ago).
-        if let Some(r) = &self.record {
-            let _ = std::fs::remove_file(r);
+        match &mut self.kind {
+            // The record goes first, so that a holder named in a conflict
+            // holds the lock (or did a moment ago).
+            Kind::File { record, .. } => {
+                if let Some(r) = record {
+                    let _ = std::fs::remove_file(r);
+                }
+            }
+            Kind::Object { store, key, refresher } => {
+                // The refresher stops first: a refresh after the delete
+                // would bring the object back.
+                if let Some(r) = refresher.take() {
+                    drop(r.stop);
+                    let _ = r.handle.join();
+                }
+                // Best effort: an object left behind goes stale and the
+                // next command removes it.
+                let _ = store.repo().storage().delete(key);
+            }
         }
     }
+}
+
+/// The prefix of `repo`'s lock objects.
+pub fn locks_prefix(repo: &Repository) -> String {
+    format!("{}/{LOCKS_DIR}/", repo.cluster())
+}
+
+/// The key of the exclusive lock object.
+pub fn exclusive_key(repo: &Repository) -> String {
+    format!("{}exclusive", locks_prefix(repo))
+}
+
+/// Key characters only: a host name may hold anything.
+fn key_safe(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    if out.is_empty() || out.starts_with('.') { format!("h{out}") } else { out }
+}
+
+/// 16 hex digits, different for every call (no cryptographic strength is
+/// needed: it only tells holders apart).
+fn token() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    h.write_i64(now_ms());
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// A lock object written and kept.
+struct ObjectHeld {
+    key: String,
+    holder: Holder,
+    notes: Vec<String>,
+}
+
+/// One try at the object lock: taken, or the holders in the way.
+enum Try {
+    Taken,
+    Conflict(Vec<Holder>),
+}
+
+fn storage_err(repo: &Repository, op: &'static str, key: &str) -> impl FnOnce(StorageError) -> LockError {
+    let (repo, key) = (repo.location(), key.to_string());
+    move |source| LockError::Storage { op, repo, key, source }
+}
+
+/// Reads the holder a lock object records; `None` when the object is gone.
+/// An object that is not a holder record (damaged, foreign) is described by
+/// its key and dated by its modification time.
+fn read_holder(repo: &Repository, key: &str) -> Result<Option<Holder>, LockError> {
+    let bytes = match repo.storage().get(key) {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(storage_err(repo, "read", key)(e)),
+    };
+    if let Ok(h) = serde_json::from_slice::<Holder>(&bytes) {
+        return Ok(Some(h));
+    }
+    let Some(meta) = repo.storage().head(key).map_err(storage_err(repo, "read", key))? else { return Ok(None) };
+    Ok(Some(Holder {
+        command: format!("an unreadable lock object '{key}'"),
+        exclusive: key.ends_with("/exclusive"),
+        pid: 0,
+        host: "unknown".into(),
+        since_ms: meta.modified_ms,
+        refreshed_ms: meta.modified_ms,
+        token: String::new(),
+    }))
+}
+
+/// Whether a lock object's holder is gone: not refreshed for `lease.stale`,
+/// or a process of this host that no longer runs.
+fn stale(h: &Holder, lease: Lease, now: i64) -> bool {
+    let age = now.saturating_sub(h.refreshed_ms.max(h.since_ms));
+    u128::try_from(age).is_ok_and(|a| a > lease.stale.as_millis()) || dead(h)
+}
+
+/// Removes a stale lock object, with a note saying so.
+fn break_stale(
+    repo: &Repository,
+    key: &str,
+    h: &Holder,
+    lease: Lease,
+    notes: &mut Vec<String>,
+) -> Result<(), LockError> {
+    let age =
+        Duration::from_millis(u64::try_from(now_ms().saturating_sub(h.refreshed_ms.max(h.since_ms))).unwrap_or(0));
+    let why = if dead(h) {
+        "its process no longer runs".to_string()
+    } else {
+        format!(
+            "not refreshed for {} (stale after {})",
+            minutes(Duration::from_secs(age.as_secs())),
+            minutes(lease.stale)
+        )
+    };
+    repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
+    notes.push(format!("removed stale lock object '{key}' of {h}: {why}"));
+    Ok(())
+}
+
+fn take_objects(
+    repo: &Repository,
+    mode: LockMode,
+    command: &str,
+    wait: Duration,
+    lease: Lease,
+) -> Result<ObjectHeld, LockError> {
+    // The store's recorded probe (crate::probe, run by init and check) may
+    // already know that it ignores If-None-Match; the check in
+    // try_exclusive catches it otherwise, unless put_new itself looks
+    // before it writes. An unreadable record is no verdict.
+    if mode == LockMode::Exclusive && matches!(crate::probe::recorded(repo), Ok(Some((false, _)))) {
+        return Err(LockError::UnsafeStore {
+            repo: repo.location(),
+            key: exclusive_key(repo),
+            command: command.to_string(),
+        });
+    }
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    loop {
+        let now = now_ms();
+        let holder = Holder {
+            command: command.to_string(),
+            exclusive: mode == LockMode::Exclusive,
+            pid: std::process::id(),
+            host: host_name(),
+            since_ms: now,
+            refreshed_ms: now,
+            token: token(),
+        };
+        let key = match mode {
+            LockMode::Exclusive => exclusive_key(repo),
+            LockMode::Shared => {
+                format!("{}shared-{}-{}-{}", locks_prefix(repo), key_safe(&holder.host), holder.pid, holder.token)
+            }
+        };
+        let tried = match mode {
+            LockMode::Exclusive => try_exclusive(repo, &key, &holder, lease, &mut notes)?,
+            LockMode::Shared => try_shared(repo, &key, &holder, lease, &mut notes)?,
+        };
+        let holders = match tried {
+            Try::Taken => return Ok(ObjectHeld { key, holder, notes }),
+            Try::Conflict(h) => h,
+        };
+        let waited = started.elapsed();
+        if waited >= wait {
+            return Err(LockError::Busy {
+                repo: repo.location(),
+                path: PathBuf::from(key),
+                holders,
+                waited,
+                stale_after: Some(lease.stale),
+            });
+        }
+        // Jittered, so that two sides that saw each other and both backed
+        // off do not keep meeting.
+        let jitter = Duration::from_millis(u64::from(token().as_bytes()[0] % 16) * 25);
+        std::thread::sleep((OBJECT_POLL + jitter).min(wait - waited));
+    }
+}
+
+/// The exclusive side: create `locks/exclusive`, then look for shared
+/// holders.
+fn try_exclusive(
+    repo: &Repository,
+    key: &str,
+    holder: &Holder,
+    lease: Lease,
+    notes: &mut Vec<String>,
+) -> Result<Try, LockError> {
+    let body = serde_json::to_vec(holder).map_err(|e| {
+        storage_err(repo, "create", key)(StorageError::Io { key: key.to_string(), source: io::Error::other(e) })
+    })?;
+    match repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
+        PutOutcome::Created(_) => {}
+        PutOutcome::Exists => {
+            return match read_holder(repo, key)? {
+                Some(h) if stale(&h, lease, now_ms()) => {
+                    break_stale(repo, key, &h, lease, notes)?;
+                    try_exclusive(repo, key, holder, lease, notes)
+                }
+                Some(h) => Ok(Try::Conflict(vec![h])),
+                // Released meanwhile.
+                None => try_exclusive(repo, key, holder, lease, notes),
+            };
+        }
+    }
+    // A store that ignores If-None-Match "creates" the same key twice. The
+    // same bytes again: if it does overwrite, nothing changes.
+    if let PutOutcome::Created(_) = repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
+        let _ = repo.storage().delete(key);
+        return Err(LockError::UnsafeStore {
+            repo: repo.location(),
+            key: key.to_string(),
+            command: holder.command.clone(),
+        });
+    }
+    let prefix = locks_prefix(repo);
+    let listing = match repo.storage().list(&prefix) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = repo.storage().delete(key);
+            return Err(storage_err(repo, "list", &prefix)(e));
+        }
+    };
+    let mut live = Vec::new();
+    for m in listing.iter().filter(|m| m.key[prefix.len()..].starts_with("shared-")) {
+        let read = read_holder(repo, &m.key).and_then(|h| match h {
+            Some(h) if stale(&h, lease, now_ms()) => break_stale(repo, &m.key, &h, lease, notes).map(|()| None),
+            other => Ok(other),
+        });
+        match read {
+            Ok(Some(h)) => live.push(h),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = repo.storage().delete(key);
+                return Err(e);
+            }
+        }
+    }
+    if live.is_empty() {
+        return Ok(Try::Taken);
+    }
+    repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
+    live.sort_by_key(|h| (h.since_ms, h.pid));
+    Ok(Try::Conflict(live))
+}
+
+/// A shared side: create its own `locks/shared-…`, then look for the
+/// exclusive holder.
+fn try_shared(
+    repo: &Repository,
+    key: &str,
+    holder: &Holder,
+    lease: Lease,
+    notes: &mut Vec<String>,
+) -> Result<Try, LockError> {
+    let body = serde_json::to_vec(holder).map_err(|e| {
+        storage_err(repo, "create", key)(StorageError::Io { key: key.to_string(), source: io::Error::other(e) })
+    })?;
+    // The key carries a fresh token: `Exists` would be another holder's
+    // object, which only a store ignoring tokens' uniqueness could produce;
+    // it is still not ours to keep.
+    if let PutOutcome::Exists = repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
+        return Ok(Try::Conflict(Vec::new()));
+    }
+    let ex = exclusive_key(repo);
+    let found = match read_holder(repo, &ex) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = repo.storage().delete(key);
+            return Err(e);
+        }
+    };
+    match found {
+        None => Ok(Try::Taken),
+        Some(h) if stale(&h, lease, now_ms()) => match break_stale(repo, &ex, &h, lease, notes) {
+            Ok(()) => Ok(Try::Taken),
+            Err(e) => {
+                let _ = repo.storage().delete(key);
+                Err(e)
+            }
+        },
+        Some(h) => {
+            repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
+            Ok(Try::Conflict(vec![h]))
+        }
+    }
+}
+
+/// Rewrites the lock object every `every` with a new `refreshed_ms`, until
+/// the sender is dropped. A failed refresh is tried again at the next
+/// period: the object goes stale only after several.
+fn spawn_refresher(repo: Arc<Repository>, key: String, mut holder: Holder, every: Duration) -> Refresher {
+    let (stop, rx) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+            holder.refreshed_ms = now_ms();
+            if let Ok(body) = serde_json::to_vec(&holder) {
+                let _ = repo.storage().put_replace(&key, &body);
+            }
+        }
+    });
+    Refresher { stop, handle }
 }
 
 /// Opens the lock file, creating it if missing. Read-write where allowed:
@@ -365,7 +872,7 @@ fn conflict(repo: &Repository, path: &Path, mode: LockMode, waited: Duration) ->
     if alive.is_empty() && !holders.is_empty() {
         return LockError::PossiblyStale { repo: repo.location(), path: path.to_path_buf(), holders };
     }
-    LockError::Busy { repo: repo.location(), path: path.to_path_buf(), holders: alive, waited }
+    LockError::Busy { repo: repo.location(), path: path.to_path_buf(), holders: alive, waited, stale_after: None }
 }
 
 /// Whether `h` is known to be dead: a process of this host that no longer
@@ -454,13 +961,15 @@ mod tests {
     #[test]
     fn a_waiter_gets_the_lock_when_the_holder_finishes() {
         let (dir, repo) = repo("wait");
-        let held = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap();
+        // The guard borrows its repository; this one lives to the end.
+        let repo: &'static Repository = Box::leak(Box::new(repo));
+        let held = RepoLock::acquire(repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(700));
             drop(held);
         });
         let start = Instant::now();
-        let got = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::from_secs(10));
+        let got = RepoLock::acquire(repo, LockMode::Exclusive, "expire", Duration::from_secs(10));
         assert!(got.is_ok() && start.elapsed() >= Duration::from_millis(600));
         t.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -481,6 +990,8 @@ mod tests {
             pid: dead_pid(),
             host: host_name(),
             since_ms: 1_700_000_000_000,
+            refreshed_ms: 0,
+            token: String::new(),
         };
         std::fs::write(holders_dir(&path).join("expire+1+1"), serde_json::to_vec(&ghost).unwrap()).unwrap();
         let e = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap_err();
@@ -498,6 +1009,224 @@ mod tests {
         // Released by closing: the kernel, not walvault, frees a dead holder's lock.
         drop(raw);
         let _ok = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // The object lock, on a local directory: its put_new is an atomic
+    // create, which is all the object lock needs.
+
+    fn arc_repo(tag: &str) -> (PathBuf, Arc<Repository>) {
+        let (dir, _) = repo(tag);
+        let r = Repository::open(dir.join("repo").to_str().unwrap(), "main").unwrap();
+        (dir, Arc::new(r))
+    }
+
+    const QUICK: Lease = Lease { refresh: Duration::from_millis(100), stale: Duration::from_secs(1800) };
+
+    fn lock_keys(repo: &Repository) -> Vec<String> {
+        let mut keys: Vec<String> =
+            repo.storage().list(&locks_prefix(repo)).unwrap().into_iter().map(|m| m.key).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn object_lock_shared_holders_coexist_and_exclusive_conflicts_name_them() {
+        let (dir, repo) = arc_repo("objmodes");
+        let take = |mode, cmd| RepoLock::acquire_objects(Arc::clone(&repo), mode, cmd, Duration::ZERO, QUICK);
+        let a = take(LockMode::Shared, "backup").unwrap();
+        let b = take(LockMode::Shared, "backup").unwrap();
+        assert!(a.path().to_str().unwrap().starts_with("main/locks/shared-") && a.path() != b.path(), "{:?}", a.path());
+        assert_eq!(lock_keys(&repo).len(), 2);
+        let e = take(LockMode::Exclusive, "expire").unwrap_err();
+        let msg = e.to_string();
+        let me = format!("backup (pid {} on host {} since ", std::process::id(), host_name());
+        assert_eq!(msg.matches(&me).count(), 2, "{msg}");
+        assert!(msg.starts_with(&format!("repository '{}' is locked by backup", repo.location())), "{msg}");
+        assert!(e.is_transient() && e.hint().unwrap().contains("--wait"));
+        // The refused exclusive side removed its object again.
+        assert!(!lock_keys(&repo).contains(&exclusive_key(&repo)));
+        drop((a, b));
+        assert!(lock_keys(&repo).is_empty(), "a dropped guard deletes its object");
+        let x = take(LockMode::Exclusive, "expire").unwrap();
+        assert_eq!(x.path(), Path::new("main/locks/exclusive"));
+        let e = take(LockMode::Shared, "backup").unwrap_err().to_string();
+        assert!(e.contains(&format!("locked by expire (pid {}", std::process::id())), "{e}");
+        let e = take(LockMode::Exclusive, "expire").unwrap_err().to_string();
+        assert!(e.contains("locked by expire (pid"), "{e}");
+        assert_eq!(lock_keys(&repo), ["main/locks/exclusive"]);
+        drop(x);
+        assert!(lock_keys(&repo).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn object_lock_waiter_gets_it_when_the_holder_finishes() {
+        let (dir, repo) = arc_repo("objwait");
+        let held =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK).unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            drop(held);
+        });
+        let start = Instant::now();
+        let got =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Shared, "backup", Duration::from_secs(20), QUICK);
+        assert!(got.is_ok(), "{got:?}");
+        assert!(start.elapsed() >= Duration::from_millis(1100));
+        t.join().unwrap();
+        drop(got);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn object_lock_is_refreshed_while_held() {
+        let (dir, repo) = arc_repo("objrefresh");
+        let held =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Shared, "backup", Duration::ZERO, QUICK).unwrap();
+        let key = held.path().to_str().unwrap().to_string();
+        let first: Holder = serde_json::from_slice(&repo.storage().get(&key).unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(450));
+        let later: Holder = serde_json::from_slice(&repo.storage().get(&key).unwrap()).unwrap();
+        assert!(later.refreshed_ms >= first.refreshed_ms + 200, "{first:?} {later:?}");
+        assert_eq!((later.since_ms, &later.token), (first.since_ms, &first.token));
+        drop(held);
+        assert!(repo.storage().head(&key).unwrap().is_none(), "no refresh after the guard is dropped");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_lock_objects_are_reported_and_removed() {
+        let (dir, repo) = arc_repo("objstale");
+        let old = now_ms() - 45 * 60 * 1000;
+        let ghost = |exclusive, host: &str, pid| Holder {
+            command: if exclusive { "expire".into() } else { "backup".into() },
+            exclusive,
+            pid,
+            host: host.into(),
+            since_ms: old - 1000,
+            refreshed_ms: old,
+            token: "t".into(),
+        };
+        let ex = exclusive_key(&repo);
+        repo.storage().put_new(&ex, &serde_json::to_vec(&ghost(true, "elsewhere", 7)).unwrap()).unwrap();
+        // A backup breaks a stale exclusive object, and says so.
+        let b =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Shared, "backup", Duration::ZERO, QUICK).unwrap();
+        assert_eq!(b.notes().len(), 1, "{:?}", b.notes());
+        let note = &b.notes()[0];
+        assert!(
+            note.starts_with("removed stale lock object 'main/locks/exclusive' of expire (pid 7 on host elsewhere"),
+            "{note}"
+        );
+        assert!(note.ends_with("not refreshed for 45 min (stale after 30 min)"), "{note}");
+        drop(b);
+        // An expire breaks a stale shared object, and a dead local one at once.
+        let stale_key = format!("{}shared-elsewhere-8-x", locks_prefix(&repo));
+        repo.storage().put_new(&stale_key, &serde_json::to_vec(&ghost(false, "elsewhere", 8)).unwrap()).unwrap();
+        let dead_key = format!("{}shared-here-1-y", locks_prefix(&repo));
+        let fresh = Holder { since_ms: now_ms(), refreshed_ms: now_ms(), ..ghost(false, &host_name(), dead_pid()) };
+        repo.storage().put_new(&dead_key, &serde_json::to_vec(&fresh).unwrap()).unwrap();
+        let x =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK).unwrap();
+        assert_eq!(x.notes().len(), 2, "{:?}", x.notes());
+        assert!(x.notes().iter().any(|n| n.contains("shared-here-1-y") && n.ends_with("its process no longer runs")));
+        assert_eq!(lock_keys(&repo), std::slice::from_ref(&ex));
+        drop(x);
+        // A live holder elsewhere, refreshed recently, is not stale.
+        let live = Holder { since_ms: now_ms(), refreshed_ms: now_ms(), ..ghost(false, "elsewhere", 9) };
+        repo.storage().put_new(&stale_key, &serde_json::to_vec(&live).unwrap()).unwrap();
+        let e = RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK)
+            .unwrap_err();
+        assert!(e.to_string().contains("locked by backup (pid 9 on host elsewhere"), "{e}");
+        assert!(e.hint().unwrap().contains("goes stale 30 min after its last refresh"), "{:?}", e.hint());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    use crate::storage::Storage;
+
+    /// A store that ignores create-only writes: put_new always overwrites.
+    struct Overwriting(crate::storage::fs::FsStorage);
+
+    impl Storage for Overwriting {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn put_new(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError> {
+            self.0.put_replace(key, data).map(PutOutcome::Created)
+        }
+        fn put_replace(&self, key: &str, data: &[u8]) -> Result<crate::storage::ObjectMeta, StorageError> {
+            self.0.put_replace(key, data)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+            self.0.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError> {
+            self.0.get_range(key, offset, len)
+        }
+        fn head(&self, key: &str) -> Result<Option<crate::storage::ObjectMeta>, StorageError> {
+            self.0.head(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<crate::storage::ObjectMeta>, StorageError> {
+            self.0.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.0.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_store_ignoring_create_only_writes_is_refused_for_the_exclusive_lock() {
+        let (dir, _) = repo("objunsafe");
+        let fs = crate::storage::fs::FsStorage::new(dir.join("repo").to_str().unwrap());
+        let repo = Arc::new(Repository::with_storage(Box::new(Overwriting(fs)), "main").unwrap());
+        let e = RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK)
+            .unwrap_err();
+        assert!(matches!(e, LockError::UnsafeStore { .. }), "{e}");
+        assert!(e.to_string().contains("ignores If-None-Match"), "{e}");
+        assert!(!e.is_transient());
+        assert!(lock_keys(&repo).is_empty(), "the refused lock left its object");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Racing holders: never an exclusive holder beside any other.
+    #[test]
+    fn racing_object_lock_holders_never_overlap() {
+        use std::sync::atomic::AtomicI64;
+        let (dir, repo) = arc_repo("objrace");
+        // > 0: shared holders; -1: the exclusive one.
+        let state = Arc::new(AtomicI64::new(0));
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (repo, state, barrier) = (Arc::clone(&repo), Arc::clone(&state), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mode = if i % 3 == 0 { LockMode::Exclusive } else { LockMode::Shared };
+                    for _ in 0..3 {
+                        let l = RepoLock::acquire_objects(Arc::clone(&repo), mode, "t", Duration::from_secs(60), QUICK)
+                            .unwrap();
+                        match mode {
+                            LockMode::Exclusive => {
+                                assert_eq!(state.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst), Ok(0));
+                                std::thread::sleep(Duration::from_millis(20));
+                                state.store(0, Ordering::SeqCst);
+                            }
+                            LockMode::Shared => {
+                                assert!(state.fetch_add(1, Ordering::SeqCst) >= 0, "shared beside exclusive");
+                                std::thread::sleep(Duration::from_millis(20));
+                                state.fetch_sub(1, Ordering::SeqCst);
+                            }
+                        }
+                        drop(l);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(lock_keys(&repo).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -85,6 +85,16 @@ impl Target {
     fn open(config: &Config) -> Result<Target> {
         let repo = Repository::open_config(config)?;
         let cluster = repo.cluster_info()?;
+        if repo.is_object_store() {
+            // Whether the store honours If-None-Match, as `walvault init`
+            // or `check` recorded it: from the local catalog, so no request
+            // once known. A store that ignores it (or an unknown one) gets
+            // check-then-write. Its warning was printed by init/check and
+            // shows in `info`; repeating it on every file would bury the
+            // server log.
+            let catalog = Catalog::open(&config.catalog).ok();
+            let _ = crate::probe::configure_for_push(&repo, catalog.as_ref(), config.s3.conditional_create);
+        }
         Ok(Target { config: config.clone(), repo, cluster })
     }
 }

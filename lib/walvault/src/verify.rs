@@ -239,6 +239,8 @@ enum Class {
     /// `<cluster>/lock`: the empty file the repository lock (`flock`) is
     /// taken on; not an object, never read. Its holder records
     /// (`lock.d/<command>+<pid>+<n>`) are not valid keys, so never listed.
+    /// On object stores, the lock objects `<cluster>/locks/*` of running
+    /// commands ([`crate::lock`]): not envelopes, never read.
     Lock,
     Wal(WalFileName),
     Data(Hash),
@@ -269,7 +271,7 @@ fn classify(repo: &Repository, key: &str) -> std::result::Result<Class, &'static
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
         ["cluster"] => Ok(Class::Cluster),
-        ["lock"] => Ok(Class::Lock),
+        ["lock"] | ["locks", _] => Ok(Class::Lock),
         ["wal", _, file] => {
             let name: WalFileName = file.parse().map_err(|_| "not a WAL file name")?;
             if repo.wal_key(&name) == key { Ok(Class::Wal(name)) } else { Err("a WAL file in the wrong directory") }

@@ -189,9 +189,25 @@ fn run(cli: Cli) -> walvault::Result<()> {
                 env: walvault::backup::PgEnv::from_process(),
                 timeout: Duration::from_secs(archive_timeout),
             };
-            let report = walvault::check::check(&config, &opts)?;
-            print_report(&report, json)?;
-            if !report.ok() {
+            // Each required repository must receive the WAL; an optional
+            // one is checked too when it is the only one asked for.
+            let several = config.is_multi();
+            let mut failed = false;
+            let outcomes = multi::each(&config, |view| {
+                let spec = &view.repositories[0];
+                if several && !spec.required {
+                    return Ok(());
+                }
+                if several && !json {
+                    println!("== {} ==", multi::header(spec));
+                }
+                let report = walvault::check::check(view, &opts)?;
+                print_report(&report, json)?;
+                failed |= !report.ok();
+                Ok(())
+            });
+            multi::first_failure(outcomes)?;
+            if failed {
                 eprintln!("walvault: error: check failed (see the lines above)");
                 std::process::exit(EXIT_FAIL);
             }

@@ -65,6 +65,13 @@ pub(crate) struct CopyContext<'a> {
     pub progress: &'a Progress,
     /// Threads reading at once.
     pub jobs: usize,
+    /// Every data object that existed when the backup took the repository
+    /// lock, with its stored size, or `None` to ask the storage about each
+    /// object. The backup holds the lock shared, so expire cannot delete
+    /// any of them meanwhile: a known object needs no HEAD, and an unknown
+    /// one goes straight to a create-once PUT (one round trip instead of
+    /// two on an object store).
+    pub known: Option<&'a HashMap<Hash, u64>>,
 }
 
 /// What became of one file.
@@ -173,18 +180,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Stores `plain` as a data object unless it exists: returns its hash and
 /// how this backup uses it.
-fn store(
-    repo: &Repository,
-    encode: &EncodeOptions,
-    plain: &[u8],
-    seen: &HashMap<Hash, ObjectUse>,
-) -> Result<(Hash, ObjectUse)> {
+fn store(ctx: &CopyContext<'_>, plain: &[u8], seen: &HashMap<Hash, ObjectUse>) -> Result<(Hash, ObjectUse)> {
+    let (repo, encode) = (ctx.repo, &ctx.encode);
     let hash = Hash::from(ContentHash::of(plain));
     if let Some(u) = seen.get(&hash) {
         return Ok((hash, *u));
     }
-    if let Some(stored) = repo.head_data(&hash)? {
-        return Ok((hash, ObjectUse { stored, created: false }));
+    match ctx.known {
+        Some(known) => {
+            if let Some(&stored) = known.get(&hash) {
+                return Ok((hash, ObjectUse { stored, created: false }));
+            }
+        }
+        None => {
+            if let Some(stored) = repo.head_data(&hash)? {
+                return Ok((hash, ObjectUse { stored, created: false }));
+            }
+        }
     }
     match repo.put_data(&hash, plain, encode)? {
         Some(stored) => Ok((hash, ObjectUse { stored, created: true })),
@@ -273,7 +285,7 @@ impl Shared<'_> {
             if n == 0 {
                 out.chunks.push((file, index, piece, true));
             } else {
-                let (hash, used) = store(self.ctx.repo, &self.ctx.encode, &buf[..n], &out.objects)?;
+                let (hash, used) = store(self.ctx, &buf[..n], &out.objects)?;
                 out.objects.entry(hash).and_modify(|u| u.created |= used.created).or_insert(used);
                 out.chunks.push((file, index, ChunkRef { hash, len: n as u64 }, n < want));
             }
@@ -293,7 +305,10 @@ impl Shared<'_> {
         if let Some(known) = lock(&self.bundles).get(hash) {
             return Ok(*known);
         }
-        let stored = self.ctx.repo.head_data(hash)?;
+        let stored = match self.ctx.known {
+            Some(known) => known.get(hash).copied(),
+            None => self.ctx.repo.head_data(hash)?,
+        };
         lock(&self.bundles).insert(*hash, stored);
         Ok(stored)
     }
@@ -339,7 +354,7 @@ impl Shared<'_> {
     }
 
     fn close_bundle(&self, bundle: &mut Vec<u8>, out: &mut WorkerOut) -> Result<()> {
-        let (hash, used) = store(self.ctx.repo, &self.ctx.encode, bundle, &out.objects)?;
+        let (hash, used) = store(self.ctx, bundle, &out.objects)?;
         out.objects.entry(hash).and_modify(|u| u.created |= used.created).or_insert(used);
         out.bundles.push(hash);
         bundle.clear();
@@ -382,7 +397,7 @@ pub(crate) fn copy_stable(
     if bytes.is_empty() {
         return Ok(Copied::Stored { data: FileData::Empty, size: 0 });
     }
-    let (hash, used) = store(ctx.repo, &ctx.encode, &bytes, objects)?;
+    let (hash, used) = store(ctx, &bytes, objects)?;
     objects.entry(hash).and_modify(|u| u.created |= used.created).or_insert(used);
     let len = bytes.len() as u64;
     Ok(Copied::Stored { data: FileData::Chunks { chunks: vec![ChunkRef { hash, len }] }, size: len })
@@ -578,6 +593,7 @@ mod tests {
                 limiter: None,
                 progress: &progress,
                 jobs: threads,
+                known: None,
             };
             let r = copy_files(&ctx, jobs, || Ok(())).unwrap();
             assert_eq!(progress.done.load(Ordering::Relaxed), progress.total);
@@ -696,6 +712,7 @@ mod tests {
             limiter: None,
             progress: &progress,
             jobs: 1,
+            known: None,
         };
         let mut objects = HashMap::new();
         let copied = copy_stable(&ctx, &job, &mut objects).unwrap();

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use walvault_formats::manifest::{
     CHUNK_SIZE, EntryKind, FileData, Hash, MANIFEST_FORMAT, Manifest, Tablespace, Totals,
 };
-use walvault_formats::object::{Compression, EncodeOptions};
+use walvault_formats::object::{Compression, ContentHash, EncodeOptions};
 use walvault_formats::wal::{Lsn, PgVersion, SegmentName, SegmentNo, TimelineId, WalFileName};
 
 use crate::catalog::{BackupRecord, Catalog, CatalogCluster};
@@ -411,6 +411,39 @@ fn previous_files(
         .collect()
 }
 
+/// On an object store, every data object of the repository with its stored
+/// size, from one listing (a request per 1,000 objects), so that the copy
+/// asks nothing about each chunk ([`CopyContext::known`]); `None` on a
+/// local repository, where a `stat` per chunk costs little, or when the
+/// listing fails (with a warning: the copy then asks per object).
+fn known_objects(repo: &Repository, warnings: &mut Vec<String>) -> Option<HashMap<Hash, u64>> {
+    if !repo.is_object_store() {
+        return None;
+    }
+    let prefix = repo.data_prefix();
+    match repo.storage().list(&prefix) {
+        Ok(listing) => Some(
+            listing
+                .into_iter()
+                .filter_map(|m| {
+                    let hex = m.key.rsplit('/').next()?;
+                    let hash = Hash::from(ContentHash::from_hex(hex)?);
+                    // Only keys where this hash belongs: anything else is
+                    // not an object the copy would find.
+                    (repo.data_key(&hash) == m.key).then_some((hash, m.size))
+                })
+                .collect(),
+        ),
+        Err(e) => {
+            warnings.push(format!(
+                "unable to list '{prefix}' in repository '{}' ({e}): each data object is looked up on its own",
+                repo.location()
+            ));
+            None
+        }
+    }
+}
+
 /// Why the archiver has not delivered `missing` to the repository.
 pub(crate) fn archive_reason(s: &ArchiverStatus, missing: &str, repo: &str, cluster: &str) -> String {
     if s.archive_command.trim().is_empty() && s.archive_library.trim().is_empty() {
@@ -514,13 +547,17 @@ fn record_in_catalog(
 /// written, so no partial backup ever appears.
 pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
     let started = Instant::now();
-    let mut warnings = Vec::new();
     let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
     // Held to the end: expire (exclusive) must not sweep the objects this
     // backup reuses, nor the previous manifest it reads; backups share it.
-    let _lock =
-        crate::lock::RepoLock::acquire(&repo, crate::lock::LockMode::Shared, "backup", crate::lock::BACKUP_WAIT)?;
+    let lock = crate::lock::RepoLock::acquire_config(
+        config,
+        crate::lock::LockMode::Shared,
+        "backup",
+        crate::lock::BACKUP_WAIT,
+    )?;
+    let mut warnings: Vec<String> = lock.notes().to_vec();
 
     let pg = session::connection_config(&opts.env, opts.connection.as_deref())?;
     let mut db = Session::connect(&pg)?;
@@ -568,6 +605,7 @@ pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
     let progress = Progress::new(files.iter().chain(&control).map(|f| f.size).sum());
     let limiter = opts.max_rate.map(RateLimiter::new);
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    let known = known_objects(&repo, &mut warnings);
     let ctx = CopyContext {
         repo: &repo,
         encode: EncodeOptions { compression: Compression::Zstd, level: config.compress_level, workers: 1 },
@@ -576,6 +614,7 @@ pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
         limiter: limiter.as_ref(),
         progress: &progress,
         jobs: opts.jobs,
+        known: known.as_ref(),
     };
     let mut last_ping = Instant::now();
     let copied = copy::copy_files(&ctx, &files, || {

@@ -82,6 +82,51 @@ impl StorageError {
             _ => None,
         }
     }
+
+    /// What the user can do about it, when the backend knows better than
+    /// the error kind alone (an object store that refused the credentials
+    /// is not a directory with the wrong owner).
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            StorageError::Io { source, .. } => {
+                source.get_ref().and_then(|e| e.downcast_ref::<Fault>()).and_then(|f| f.hint.clone())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A backend's description of a failure, carried inside
+/// [`StorageError::Io`]: one line of text, and advice for the `HINT:` line
+/// that [`StorageError::hint`] returns.
+#[derive(Debug)]
+pub struct Fault {
+    /// What failed, where (never a secret).
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Fault {}
+
+/// How a backend makes [`Storage::put_new`] create-once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionalCreate {
+    /// The store decides atomically (`If-None-Match: *` honoured, or a
+    /// rename that never replaces): two concurrent writers of one key
+    /// cannot both win.
+    Trust,
+    /// The store ignores conditional create: look first (HEAD) and write
+    /// only if absent, still asking for a conditional write. This leaves a
+    /// race: two writers of the same key between one's HEAD and its PUT
+    /// both write, and the last one wins.
+    CheckFirst,
 }
 
 /// A place that stores objects under keys: a local directory, an object
@@ -157,6 +202,29 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// [`StorageError::Io`] when the object exists and cannot be deleted.
     fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Whether the store itself refuses a second create of a key (what
+    /// [`ConditionalCreate::Trust`] relies on), found by trying: a unique
+    /// probe object is created, created again with other bytes, read back
+    /// and deleted. Costs a few requests; meant for `init` and `check`,
+    /// never for the per-segment path. A local directory always honours it
+    /// (a rename that never replaces), so the default answers `true`
+    /// without I/O.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] when the probe cannot be written or read.
+    fn probe_conditional_create(&self) -> Result<bool, StorageError> {
+        Ok(true)
+    }
+
+    /// Chooses how [`Storage::put_new`] enforces create-once from now on.
+    /// Backends whose create-once cannot be fooled ignore it (the default).
+    fn set_conditional_create(&self, _mode: ConditionalCreate) {}
+
+    /// How [`Storage::put_new`] enforces create-once now.
+    fn conditional_create(&self) -> ConditionalCreate {
+        ConditionalCreate::Trust
+    }
 }
 
 /// Checks a key against the rules on [`Storage`].

@@ -8,7 +8,19 @@
 //! backoff until the total budget (`retry-budget`) is spent.
 //!
 //! Create-once is a conditional PUT (`If-None-Match: *`): the store itself
-//! decides which of two concurrent writers wins.
+//! decides which of two concurrent writers wins ([`ConditionalCreate::Trust`]).
+//! Some S3-compatible stores (Garage 2.5) ignore the header and overwrite;
+//! [`Storage::probe_conditional_create`] finds out, and
+//! [`ConditionalCreate::CheckFirst`] then looks (HEAD) before writing. That
+//! fallback leaves a race: two writers of the same key between one's HEAD
+//! and its PUT both write, and the last one wins. For WAL that needs two
+//! servers archiving the same name into the same repository at the same
+//! moment (PostgreSQL pushes one file at a time per cluster).
+//!
+//! Errors are reduced to one line that names the endpoint and the bucket:
+//! refused credentials, a missing bucket (never reported as a missing
+//! object: archive-fetch must not answer "not in the archive" for it), a
+//! deadline passed, an unreachable endpoint, a server error after retries.
 //!
 //! Credentials come from, in order: the `credentials-file` named in the
 //! configuration, the `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`
@@ -21,17 +33,19 @@
 use std::io;
 use std::path::Path as FsPath;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 use serde::Deserialize;
 
-use super::{ObjectMeta, PutOutcome, Storage, StorageError, TEMP_PREFIX, validate_key};
+use super::{ConditionalCreate, Fault, ObjectMeta, PutOutcome, Storage, StorageError, TEMP_PREFIX, validate_key};
 use crate::config::S3Settings;
 
 /// A parsed `s3://bucket/prefix` URL.
@@ -104,6 +118,13 @@ pub struct S3Storage {
     url: S3Url,
     /// For error messages: which server.
     endpoint: String,
+    /// `request-timeout`, for messages.
+    request_timeout: Duration,
+    /// `retry-budget`, for messages.
+    retry_budget: Duration,
+    /// [`ConditionalCreate::CheckFirst`] when set. Atomic so that the
+    /// repository layer can choose through `&dyn Storage`.
+    check_first: AtomicBool,
 }
 
 impl S3Storage {
@@ -177,7 +198,32 @@ impl S3Storage {
             .build()
             .map_err(|e| format!("unable to start the I/O runtime: {e}"))?;
         let endpoint = settings.endpoint.clone().unwrap_or_else(|| format!("AWS S3 {}", settings.region));
-        Ok(S3Storage { store: Arc::new(store), runtime, url, endpoint })
+        Ok(S3Storage {
+            store: Arc::new(store),
+            runtime,
+            url,
+            endpoint,
+            request_timeout,
+            retry_budget: Duration::from_secs(settings.retry_budget_secs),
+            check_first: AtomicBool::new(false),
+        })
+    }
+
+    /// Opens as [`S3Storage::open`] with create-once enforced as `mode`
+    /// from the start.
+    ///
+    /// # Errors
+    /// As [`S3Storage::open`].
+    pub fn open_with_mode(url: &str, settings: &S3Settings, mode: ConditionalCreate) -> Result<S3Storage, String> {
+        let s = S3Storage::open(url, settings)?;
+        s.set_conditional_create(mode);
+        Ok(s)
+    }
+
+    /// The endpoint requests go to, for messages (`http://127.0.0.1:9000`,
+    /// or `AWS S3 <region>`). Never contains secrets.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     fn path(&self, key: &str) -> Path {
@@ -190,31 +236,105 @@ impl S3Storage {
     }
 
     fn err(&self, key: &str, e: object_store::Error) -> StorageError {
+        let d = Diagnosis::of(&e);
+        if matches!(e, object_store::Error::NotFound { .. }) && !d.bucket_missing() {
+            return StorageError::NotFound { key: key.to_string() };
+        }
+        let (kind, fault) = self.describe(key, &e, &d);
+        StorageError::Io { key: key.to_string(), source: io::Error::new(kind, fault) }
+    }
+
+    /// One line for a failed request, its error kind (which decides
+    /// [`StorageError::is_transient`]) and advice. `object_store`'s own text
+    /// (a URL, retry counters, an XML body) is kept only for failures this
+    /// does not recognize.
+    fn describe(&self, key: &str, e: &object_store::Error, d: &Diagnosis) -> (io::ErrorKind, Fault) {
         use object_store::Error as E;
-        let kind = match &e {
-            E::NotFound { .. } => return StorageError::NotFound { key: key.to_string() },
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        let (ep, bucket) = (&self.endpoint, &self.url.bucket);
+        let code = d.code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+        let fault = |message: String, hint: Option<&str>| Fault { message, hint: hint.map(str::to_string) };
+        if d.bucket_missing() {
+            return (
+                io::ErrorKind::NotFound,
+                fault(
+                    format!("bucket '{bucket}' does not exist at {ep}"),
+                    Some("create the bucket, or check the bucket in 'repository' and s3.endpoint"),
+                ),
+            );
+        }
+        let denied = matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+            || matches!(d.status, Some(401 | 403))
+            || d.code.as_deref().is_some_and(|c| {
+                ["AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken", "InvalidToken"]
+                    .contains(&c)
+            });
+        if denied {
+            return (
+                io::ErrorKind::PermissionDenied,
+                fault(
+                    format!("access denied by {ep} for bucket '{bucket}'{code}: the credentials were refused"),
+                    Some(
+                        "check the credentials (s3.credentials-file, or AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY) and that they may read and write the bucket",
+                    ),
+                ),
+            );
+        }
+        let budget = format!(
+            "request-timeout {}s, retry-budget {}s",
+            self.request_timeout.as_secs(),
+            self.retry_budget.as_secs()
+        );
+        match d.http {
+            Some(HttpErrorKind::Timeout) => {
+                return (
+                    io::ErrorKind::TimedOut,
+                    fault(
+                        format!("timed out waiting for {ep} (bucket '{bucket}', key '{key}'; {budget})"),
+                        Some("the object store is slow or unreachable; the request is retried later"),
+                    ),
+                );
+            }
+            Some(HttpErrorKind::Connect) => {
+                return (
+                    io::ErrorKind::ConnectionRefused,
+                    fault(
+                        format!("unable to connect to {ep} (bucket '{bucket}'; {budget}): {}", d.innermost),
+                        Some("check s3.endpoint and that the object store is running and reachable"),
+                    ),
+                );
+            }
+            Some(HttpErrorKind::Request | HttpErrorKind::Interrupted) => {
+                return (
+                    io::ErrorKind::ConnectionReset,
+                    fault(
+                        format!("connection to {ep} lost (bucket '{bucket}', key '{key}'; {budget}): {}", d.innermost),
+                        None,
+                    ),
+                );
+            }
+            _ => {}
+        }
+        if let Some(status) = d.status.filter(|s| *s >= 500 || *s == 429) {
+            return (
+                io::ErrorKind::Other,
+                fault(
+                    format!(
+                        "{ep} answered HTTP {status}{code} for bucket '{bucket}', key '{key}' after retrying ({budget})"
+                    ),
+                    Some("the object store is overloaded or failing; the request is retried later"),
+                ),
+            );
+        }
+        let kind = match e {
             E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => io::ErrorKind::InvalidInput,
             E::NotSupported { .. } | E::NotImplemented => io::ErrorKind::Unsupported,
             E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
-            // object_store has already retried what it could within the
-            // budget; a timeout or unreachable store may still succeed later.
-            _ => {
-                let text = e.to_string();
-                if text.contains("timed out") || text.contains("timeout") {
-                    io::ErrorKind::TimedOut
-                } else if text.contains("Client error") && !text.contains("429") {
-                    // A 4xx other than 429 will not fix itself.
-                    io::ErrorKind::InvalidInput
-                } else {
-                    io::ErrorKind::Other
-                }
-            }
+            // A 4xx other than 429 will not fix itself.
+            _ if d.status.is_some_and(|s| (400..500).contains(&s)) => io::ErrorKind::InvalidInput,
+            _ => io::ErrorKind::Other,
         };
-        StorageError::Io {
-            key: key.to_string(),
-            source: io::Error::new(kind, format!("{} ({}): {e}", self.location(), self.endpoint)),
-        }
+        (kind, fault(format!("{} ({ep}): {}", self.location(), d.text), None))
     }
 
     fn meta(&self, m: &object_store::ObjectMeta) -> Option<ObjectMeta> {
@@ -244,6 +364,110 @@ impl S3Storage {
             Err(e) => Err(self.err(key, e)),
         }
     }
+
+    /// A conditional PUT (`If-None-Match: *`), trusted: what the store
+    /// answers is the outcome.
+    fn put_conditional(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError> {
+        Ok(match self.put(key, data, PutMode::Create)? {
+            Some(meta) => PutOutcome::Created(meta),
+            None => PutOutcome::Exists,
+        })
+    }
+}
+
+/// A unique key for one conditional-create probe, at the top of the
+/// repository (next to the marker, outside every cluster).
+fn probe_key() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("walvault.probe-{}-{nanos}", std::process::id())
+}
+
+/// What an `object_store` error says once its chain is read: the HTTP
+/// status and S3 error code of a refused request, the transport failure
+/// of one that got no answer.
+struct Diagnosis {
+    status: Option<u16>,
+    code: Option<String>,
+    http: Option<HttpErrorKind>,
+    /// The whole chain's text (URLs and counters included, no secrets:
+    /// requests are signed in headers, never in the URL).
+    text: String,
+    /// The deepest cause's text ("Connection refused (os error 111)").
+    innermost: String,
+}
+
+impl Diagnosis {
+    fn of(e: &object_store::Error) -> Diagnosis {
+        let text = e.to_string();
+        let mut http = None;
+        let mut innermost = text.clone();
+        // The whole chain, for markers of transport failures:
+        // object_store's HttpError is hidden behind a transparent wrapper,
+        // so its kind is read from its causes (reqwest, hyper, io).
+        let mut chain = String::new();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(x) = cur {
+            if http.is_none()
+                && let Some(h) = x.downcast_ref::<HttpError>()
+            {
+                http = Some(h.kind());
+            }
+            if http.is_none()
+                && let Some(io) = x.downcast_ref::<io::Error>()
+            {
+                http = match io.kind() {
+                    io::ErrorKind::TimedOut => Some(HttpErrorKind::Timeout),
+                    io::ErrorKind::ConnectionRefused => Some(HttpErrorKind::Connect),
+                    io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof => Some(HttpErrorKind::Request),
+                    _ => None,
+                };
+            }
+            innermost = x.to_string();
+            chain.push_str(&innermost.to_ascii_lowercase());
+            chain.push('\n');
+            cur = x.source();
+        }
+        if http.is_none() {
+            http = if chain.contains("timed out") || chain.contains("timeout") {
+                Some(HttpErrorKind::Timeout)
+            } else if chain.contains("connection refused") || chain.contains("tcp connect error") {
+                Some(HttpErrorKind::Connect)
+            } else if chain.contains("error sending request")
+                || chain.contains("connection closed")
+                || chain.contains("connection reset")
+                || chain.contains("incomplete message")
+                || chain.contains("error reading a body")
+            {
+                Some(HttpErrorKind::Request)
+            } else {
+                None
+            };
+        }
+        let status = ["status code: ", "Status code: "]
+            .iter()
+            .find_map(|m| text.split_once(m))
+            .and_then(|(_, rest)| rest.get(..3))
+            .and_then(|d| d.parse().ok());
+        let code = text
+            .split_once("<Code>")
+            .and_then(|(_, rest)| rest.split_once("</Code>"))
+            .map(|(c, _)| c.trim().to_string())
+            .filter(|c| !c.is_empty() && c.len() < 64 && c.bytes().all(|b| b.is_ascii_alphanumeric()));
+        Diagnosis { status, code, http, text, innermost }
+    }
+
+    fn bucket_missing(&self) -> bool {
+        self.code.as_deref() == Some("NoSuchBucket")
+    }
+
+    /// The request got no usable answer: a transport failure, a server
+    /// error, throttling.
+    fn unanswered(&self) -> bool {
+        self.http.is_some() || self.status.is_some_and(|s| s >= 500 || s == 429)
+    }
 }
 
 impl Storage for S3Storage {
@@ -260,10 +484,11 @@ impl Storage for S3Storage {
     }
 
     fn put_new(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StorageError> {
-        Ok(match self.put(key, data, PutMode::Create)? {
-            Some(meta) => PutOutcome::Created(meta),
-            None => PutOutcome::Exists,
-        })
+        if self.conditional_create() == ConditionalCreate::CheckFirst && self.head(key)?.is_some() {
+            return Ok(PutOutcome::Exists);
+        }
+        // Still conditional: a store that honours the header stays atomic.
+        self.put_conditional(key, data)
     }
 
     fn put_replace(&self, key: &str, data: &[u8]) -> Result<ObjectMeta, StorageError> {
@@ -289,6 +514,9 @@ impl Storage for S3Storage {
             match self.runtime.block_on(async { self.store.get_opts(&path, opts).await?.bytes().await }) {
                 Ok(b) => return Ok(b.to_vec()),
                 Err(e @ object_store::Error::NotFound { .. }) => return Err(self.err(key, e)),
+                // No answer, or a failing server: asking again (HEAD) would
+                // only spend the budget a second time.
+                Err(e) if Diagnosis::of(&e).unanswered() => return Err(self.err(key, e)),
                 // A range starting at or past the end is refused by the
                 // store; the trait answers it with no bytes.
                 Err(e) => match self.head(key)? {
@@ -336,9 +564,45 @@ impl Storage for S3Storage {
     fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.checked(key)?;
         match self.runtime.block_on(self.store.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err(key, e)),
+            Ok(()) => Ok(()),
+            Err(e) => match self.err(key, e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
         }
+    }
+
+    /// Creates a unique probe object with a conditional PUT, creates it
+    /// again with other bytes, reads it back and deletes it: the store
+    /// honours `If-None-Match: *` when the second PUT was refused and the
+    /// first bytes are still there. Four requests; the probe object is
+    /// deleted even when the probe fails half-way.
+    fn probe_conditional_create(&self) -> Result<bool, StorageError> {
+        let key = probe_key();
+        let (first, second) = (b"walvault conditional-create probe: first".as_slice(), b"second".as_slice());
+        let result = (|| {
+            if self.put_conditional(&key, first)? == PutOutcome::Exists {
+                return Err(StorageError::Io {
+                    key: key.clone(),
+                    source: io::Error::other("the probe object already existed before it was created"),
+                });
+            }
+            let refused = self.put_conditional(&key, second)? == PutOutcome::Exists;
+            let kept = self.get(&key)? == first;
+            Ok(refused && kept)
+        })();
+        let cleanup = self.delete(&key);
+        let honoured = result?;
+        cleanup?;
+        Ok(honoured)
+    }
+
+    fn set_conditional_create(&self, mode: ConditionalCreate) {
+        self.check_first.store(mode == ConditionalCreate::CheckFirst, Ordering::Relaxed);
+    }
+
+    fn conditional_create(&self) -> ConditionalCreate {
+        if self.check_first.load(Ordering::Relaxed) { ConditionalCreate::CheckFirst } else { ConditionalCreate::Trust }
     }
 }
 
