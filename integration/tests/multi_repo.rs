@@ -369,3 +369,72 @@ fn sync_seeds_a_new_repository_that_restores_alone() {
     assert_eq!(table_checksum(&restored, "t", "id"), expected);
     restored.stop();
 }
+
+/// The setup the feature is for: a local repository (required) and an
+/// offsite bucket (optional, with its own `[repositories.s3]` table).
+/// archive-push writes both; a backup taken into the local one reaches the
+/// bucket with `repo sync`; with the local repository lost, `restore` falls
+/// back to the bucket by itself and PostgreSQL replays from it to the same
+/// table contents.
+#[test]
+fn a_local_and_an_offsite_s3_repository() {
+    use walvault_integration::s3::MotoServer;
+    let Some(moto) = MotoServer::start() else { return };
+    moto.create_bucket("offsite");
+    let td = TestDir::new();
+    let local = td.join("nas");
+    let creds = moto.write_credentials(td.path());
+    let text = format!(
+        "cluster = \"main\"\ncatalog = {}\n\n[[repositories]]\nname = \"nas\"\nlocation = {}\n\n\
+         [[repositories]]\nname = \"offsite\"\nlocation = \"s3://offsite/db1\"\nrequired = false\n\
+         [repositories.s3]\nendpoint = \"{}\"\npath-style = true\nallow-http = true\ncredentials-file = {}\n\
+         request-timeout = \"10s\"\nretry-budget = \"20s\"\n",
+        toml_string(&td.join("catalog.db").to_string_lossy()),
+        toml_string(&local.to_string_lossy()),
+        moto.endpoint(),
+        toml_string(&creds.to_string_lossy()),
+    );
+    let config = td.write("walvault.toml", text);
+    let wv = Walvault::new(&td, &config);
+    let mut pg = archiving_primary(&td, &wv, "primary");
+    make_wal(&pg, 1);
+    wv.backup(&pg, &["--fast"]).expect_success("backup into the first repository");
+    pg.psql("INSERT INTO t SELECT g, 'after the backup' FROM generate_series(800000, 800999) g");
+    let last = make_wal(&pg, 1);
+    let expected = table_checksum(&pg, "t", "id");
+    let segments = archived_segments(&pg);
+    pg.stop();
+
+    // Every segment is in the bucket too, byte-identical to the NAS's copy.
+    let (dest, from_nas) = (td.join("fetched"), td.join("from-nas"));
+    for name in &segments {
+        fetch(&wv, Some("offsite"), name, &dest).assert_silent_success();
+        fetch(&wv, Some("nas"), name, &from_nas).assert_silent_success();
+        assert_same_file(&from_nas, &dest);
+        fs::remove_file(&dest).expect("remove");
+        fs::remove_file(&from_nas).expect("remove");
+    }
+    assert!(segments.contains(&last), "{segments:?}");
+
+    // The backup reaches the bucket with repo sync; a second sync copies
+    // nothing.
+    let out = wv.walvault(&["repo", "sync", "--from", "nas", "--to", "offsite"]).expect_success("repo sync");
+    assert!(out.stdout.contains("1 backup"), "{out}");
+    let out = wv.walvault(&["repo", "sync", "--from", "nas", "--to", "offsite", "--json"]).expect_success("again");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(report["copied"]["backups"].as_u64(), Some(0), "{report:#}");
+    wv.walvault(&["verify", "--repo", "offsite"]).expect_success("verify of the bucket");
+    let info = wv.info_json();
+    let repos = info["repositories"].as_array().expect("repositories");
+    assert_eq!(repos[1]["info"]["backups"].as_array().map(Vec::len), Some(1), "{info:#}");
+
+    // The NAS is lost: restore falls back to the bucket, and recovery
+    // reads WAL from it alone.
+    fs::rename(&local, td.join("nas.lost")).expect("lose the NAS");
+    let restore = wv.restore(&td.join("restored"), &[]);
+    assert!(restore.success(), "restore from the bucket: {restore}");
+    assert!(restore.stderr.contains("trying 'offsite'"), "{restore}");
+    let mut restored = start_restored(&td, &wv, "restored");
+    assert_eq!(table_checksum(&restored, "t", "id"), expected, "restored from the offsite bucket");
+    restored.stop();
+}
