@@ -38,6 +38,13 @@ struct FileConfig {
     compress_level: Option<i32>,
     compress_workers: Option<u32>,
     fetch_on_error: Option<FetchOnError>,
+    #[serde(rename = "async")]
+    async_push: Option<bool>,
+    jobs: Option<u32>,
+    spool_path: Option<PathBuf>,
+    queue_max: Option<String>,
+    prefetch: Option<u32>,
+    prefetch_max: Option<String>,
     retention: Option<FileRetention>,
     pg_bin: Option<PathBuf>,
     s3: Option<FileS3>,
@@ -178,6 +185,35 @@ impl RetentionPolicy {
 /// does not exist yet) never loses its objects.
 pub const DEFAULT_GRACE_SECS: u64 = 24 * 3600;
 
+/// Default of `jobs`.
+pub const DEFAULT_JOBS: u32 = 4;
+
+/// Default of `prefetch-max`: 1 GiB.
+pub const DEFAULT_PREFETCH_MAX: u64 = 1 << 30;
+
+/// Parses a size such as `512MiB`, `4GiB`, `1G`, `800MB` or `1048576` into
+/// bytes (K, M, G, T and their `B`/`iB` forms are all powers of 1024).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let bad = || format!("'{text}' is not a size such as 512MiB, 4GiB or 1048576");
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes == 0 {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
 /// Parses a duration such as `14d`, `36h`, `90m`, `2w`, `1d12h` or `3600s`
 /// into seconds.
 pub fn parse_duration(text: &str) -> std::result::Result<u64, String> {
@@ -243,6 +279,25 @@ pub struct Config {
     pub compress_workers: u32,
     /// archive-fetch's answer to errors.
     pub fetch_on_error: FetchOnError,
+    /// `async`: archive-push hands its file to a background worker that
+    /// pushes ahead in parallel (acknowledging only what is stored).
+    pub async_push: bool,
+    /// `jobs`: files pushed (async) or fetched ahead (prefetch) in
+    /// parallel.
+    pub jobs: u32,
+    /// `spool-path`: local directory for the async push worker's state and
+    /// prefetched WAL; on the same file system as `pg_wal`, prefetched
+    /// files reach `%p` by a rename.
+    pub spool: PathBuf,
+    /// `queue-max`: when the WAL waiting in `pg_wal` exceeds this many
+    /// bytes because the repositories cannot be reached, archive-push lets
+    /// PostgreSQL drop it (and records the gap) instead of filling the
+    /// disk. `None`: never.
+    pub queue_max: Option<u64>,
+    /// `prefetch`: WAL files archive-fetch downloads ahead; 0: none.
+    pub prefetch: u32,
+    /// `prefetch-max`: bytes the prefetched files may take in the spool.
+    pub prefetch_max: u64,
     /// `[retention]`: what `walvault expire` keeps.
     pub retention: RetentionPolicy,
     /// `[retention] grace`: how old an unreferenced data object must be
@@ -373,6 +428,25 @@ impl Config {
         {
             return Err(Error::Setting(format!("{} must be an absolute directory", in_file("pg-bin"))));
         }
+        let jobs = parsed.jobs.unwrap_or(DEFAULT_JOBS);
+        if !(1..=64).contains(&jobs) {
+            return Err(Error::Setting(format!("{} is {jobs}, expected 1 to 64", in_file("jobs"))));
+        }
+        let spool = parsed.spool_path.unwrap_or_else(|| {
+            catalog.parent().map_or_else(|| PathBuf::from("/var/lib/walvault"), Path::to_path_buf).join("spool")
+        });
+        if !spool.is_absolute() {
+            return Err(Error::Setting(format!("{} must be an absolute directory", in_file("spool-path"))));
+        }
+        let size = |key: &str, v: Option<String>| -> Result<Option<u64>> {
+            v.map(|v| parse_size(&v).map_err(|e| Error::Setting(format!("{}: {e}", in_file(key))))).transpose()
+        };
+        let queue_max = size("queue-max", parsed.queue_max)?;
+        let prefetch = parsed.prefetch.unwrap_or(0);
+        if prefetch > 1024 {
+            return Err(Error::Setting(format!("{} is {prefetch}, expected 0 to 1024", in_file("prefetch"))));
+        }
+        let prefetch_max = size("prefetch-max", parsed.prefetch_max)?.unwrap_or(DEFAULT_PREFETCH_MAX);
         let top_s3 = parsed.s3.unwrap_or_default();
         let s3 = s3_settings(&top_s3, None, "s3", &in_file)?;
         let repositories = repositories(
@@ -393,6 +467,12 @@ impl Config {
             compress_level,
             compress_workers,
             fetch_on_error: parsed.fetch_on_error.unwrap_or(FetchOnError::Auto),
+            async_push: parsed.async_push.unwrap_or(false),
+            jobs,
+            spool,
+            queue_max,
+            prefetch,
+            prefetch_max,
             retention,
             grace_secs,
             pg_bin: parsed.pg_bin,
@@ -646,6 +726,12 @@ mod tests {
         assert_eq!(c.grace_secs, 7200);
         assert_eq!(c.pg_bin, Some(PathBuf::from("/usr/lib/postgresql/15/bin")));
         assert_eq!(parse_duration("1d12h"), Ok(129_600));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("512 MB"), Ok(512 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in ["", "0", "GiB", "4XB", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(parse_duration("2w"), Ok(1_209_600));
         for bad in ["", "14", "d", "1x", "0d", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
@@ -710,6 +796,8 @@ mod example_tests {
         assert_eq!(c.grace_secs, 24 * 3600);
         assert_eq!(c.pg_bin, None);
         assert_eq!(c.s3, S3Settings::default(), "[s3] is commented out in the example");
+        assert_eq!((c.async_push, c.jobs, c.queue_max, c.prefetch), (false, DEFAULT_JOBS, None, 0));
+        assert_eq!((c.spool.as_path(), c.prefetch_max), (Path::new("/var/lib/walvault/main/spool"), 1 << 30));
     }
 
     /// pg-config-examples/walvault-offsite.toml: a NAS and an optional
