@@ -2,12 +2,17 @@
 //! verified file at `%p`; 1, quietly, when the archive does not have it;
 //! 255 (stop recovery) when it exists but cannot be read or verified —
 //! unless this is a standby or `fetch-on-error = "retry"` (see
-//! docs/errors.md).
+//! docs/errors.md). With `prefetch = N`, segments come from the prefetch
+//! spool when a verified copy is there, and a background worker
+//! (`archive-fetch --prefetch-worker`, started on demand) keeps the next N
+//! coming.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
-use walvault::fetch::{ErrorAnswer, FetchOutcome, error_answer, fetch_all};
+use walvault::fetch::{ErrorAnswer, FetchOutcome, error_answer};
+use walvault::prefetch::{self, Spool, WORKER_FLAG};
 use walvault_bins::{CommonArgs, EXIT_ABORT_RECOVERY, EXIT_FAIL, EXIT_OK, parse_args, report_error, report_warning};
 
 /// Restore one WAL file from the walvault repository (restore_command = 'archive-fetch %f %p').
@@ -16,10 +21,32 @@ use walvault_bins::{CommonArgs, EXIT_ABORT_RECOVERY, EXIT_FAIL, EXIT_OK, parse_a
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    /// Run the prefetch worker of the configured spool (started by archive-fetch itself)
+    #[arg(long = "prefetch-worker", hide = true)]
+    prefetch_worker: bool,
     /// The WAL file name (PostgreSQL's %f)
-    wal_name: String,
+    #[arg(required_unless_present = "prefetch_worker")]
+    wal_name: Option<String>,
     /// Where to write it (PostgreSQL's %p)
-    dest: String,
+    #[arg(required_unless_present = "prefetch_worker")]
+    dest: Option<String>,
+}
+
+/// The flags that make a worker read the same configuration as this call.
+fn worker_args(common: &CommonArgs) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![WORKER_FLAG.into()];
+    let mut add = |flag: &str, value: Option<OsString>| {
+        if let Some(v) = value {
+            args.push(flag.into());
+            args.push(v);
+        }
+    };
+    add("--config", common.config.clone().map(Into::into));
+    add("--repository", common.repository.clone().map(Into::into));
+    add("--repo", common.repo.clone().map(Into::into));
+    add("--cluster", common.cluster.clone().map(Into::into));
+    add("--catalog", common.catalog.clone().map(Into::into));
+    args
 }
 
 fn main() {
@@ -31,7 +58,20 @@ fn main() {
             std::process::exit(EXIT_ABORT_RECOVERY);
         }
     };
-    let report = fetch_all(&config, &cli.wal_name, &PathBuf::from(&cli.dest));
+    if cli.prefetch_worker {
+        let mut log = |line: &str| report_warning("archive-fetch --prefetch-worker", line);
+        if let Err(e) = prefetch::run_worker(&config, prefetch::DEFAULT_IDLE, &mut log) {
+            report_error("archive-fetch --prefetch-worker", &e);
+            std::process::exit(EXIT_FAIL);
+        }
+        std::process::exit(EXIT_OK);
+    }
+    let (wal_name, dest) = (cli.wal_name.unwrap_or_default(), PathBuf::from(cli.dest.unwrap_or_default()));
+    let start_worker = || {
+        let exe = std::env::current_exe()?;
+        prefetch::spawn_detached(&exe, &worker_args(&cli.common), &Spool::of(&config).log_path())
+    };
+    let report = prefetch::fetch(&config, &wal_name, &dest, &start_worker);
     for note in &report.notes {
         report_warning("archive-fetch", note);
     }

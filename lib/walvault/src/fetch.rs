@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use walvault_formats::object::{self, DecodeToError};
+use walvault_formats::object::{self, ContentHash, DecodeToError};
 use walvault_formats::wal::WalFileName;
 
 use crate::config::{Config, FetchOnError};
@@ -54,7 +54,8 @@ pub fn error_answer(mode: FetchOnError, cwd: Option<&Path>) -> ErrorAnswer {
     }
 }
 
-fn temp_path(dest: &Path) -> PathBuf {
+/// The temporary a file is written to before it is renamed to `dest`.
+pub(crate) fn temp_path(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".walvault-tmp");
     dest.with_file_name(name)
@@ -126,7 +127,48 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
         return Err(Error::Setting("the destination path (%p) is empty".into()));
     }
     let repo = Repository::open_config(config)?;
-    let key = repo.wal_key(&name);
+    Ok(match restore_from(&repo, &name, dest)? {
+        Some(_) => FetchOutcome::Restored,
+        None => FetchOutcome::Missing,
+    })
+}
+
+/// [`fetch_all`] over repositories opened once (the prefetch worker's
+/// downloads), with the same fallback rules: the first repository, in the
+/// order given, that restores the file wins; "missing" only when every one
+/// says so. Returns the BLAKE3 of the restored plaintext, `None` for
+/// missing, and the notes about repositories that failed.
+pub(crate) fn fetch_from(
+    repos: &[(String, Repository)],
+    name: &WalFileName,
+    dest: &Path,
+) -> (Result<Option<ContentHash>>, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut failure = None;
+    for (repo_name, repo) in repos {
+        match restore_from(repo, name, dest) {
+            Ok(Some(hash)) => return (Ok(Some(hash)), notes),
+            Ok(None) => {}
+            Err(e @ Error::Write { .. }) => return (Err(e), notes),
+            Err(e) => {
+                notes.push(format!("repository '{repo_name}' could not give '{name}': {e}"));
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match failure {
+        Some(e) => {
+            notes.remove(0);
+            (Err(e), notes)
+        }
+        None => (Ok(None), notes),
+    }
+}
+
+/// Restores `name` from `repo` to `dest`, verified; the BLAKE3 of the
+/// plaintext, or `None` when the repository (which answers) lacks it.
+fn restore_from(repo: &Repository, name: &WalFileName, dest: &Path) -> Result<Option<ContentHash>> {
+    let key = repo.wal_key(name);
     let stored = match repo.storage().get(&key) {
         Ok(bytes) => bytes,
         Err(StorageError::NotFound { .. }) => {
@@ -134,7 +176,7 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
             // an unmounted file system or a typo in the path must not end
             // recovery early.
             repo.cluster_info()?;
-            return Ok(FetchOutcome::Missing);
+            return Ok(None);
         }
         Err(source) => {
             return Err(Error::Storage { op: "read", name: name.to_string(), repo: repo.location(), source });
@@ -152,13 +194,18 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
         DecodeToError::Write(source) => Error::Write { path: dest.to_path_buf(), source },
     });
     drop(file);
-    let renamed = decoded
-        .and_then(|_| std::fs::rename(&tmp, dest).map_err(|source| Error::Write { path: dest.to_path_buf(), source }));
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    let renamed = decoded.and_then(|header| {
+        std::fs::rename(&tmp, dest)
+            .map(|()| header.hash)
+            .map_err(|source| Error::Write { path: dest.to_path_buf(), source })
+    });
+    match renamed {
+        Ok(hash) => Ok(Some(hash)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    Ok(FetchOutcome::Restored)
 }
 
 #[cfg(test)]

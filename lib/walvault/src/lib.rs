@@ -54,6 +54,7 @@ pub mod lock;
 pub mod multi;
 pub mod pgdata;
 pub mod plan;
+pub mod prefetch;
 pub mod probe;
 pub mod push;
 pub mod rebuild;

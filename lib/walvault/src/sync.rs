@@ -681,9 +681,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
 
-    use walvault_formats::manifest::{ChunkRef, Entry, EntryKind, FileData, MANIFEST_FORMAT, Totals};
     use walvault_formats::object::EncodeOptions;
-    use walvault_formats::wal::{Lsn, TimelineId, WalSegmentSize, synthetic_segment};
+    use walvault_formats::wal::{TimelineId, WalSegmentSize, synthetic_segment};
 
     use super::*;
     use crate::catalog::Catalog;
@@ -726,41 +725,8 @@ mod tests {
     }
 
     fn manifest(id: &str, seg: u64, chunks: &[(Hash, u64)], sysid: u64) -> Manifest {
-        let chunks: Vec<ChunkRef> = chunks.iter().map(|&(hash, len)| ChunkRef { hash, len }).collect();
-        let size = chunks.iter().map(|c| c.len).sum();
         let (start, stop) = if id == "B1" { (seg, seg + 1) } else { (seg, seg) };
-        Manifest {
-            format: MANIFEST_FORMAT,
-            id: id.into(),
-            cluster: "main".into(),
-            system_identifier: sysid,
-            pg_version: 15,
-            wal_segment_size: SEG,
-            timeline: 1,
-            start_lsn: Lsn(start * SEG + 0x28),
-            stop_lsn: Lsn(stop * SEG + 0x100),
-            start_time_ms: start as i64 * 1000,
-            stop_time_ms: stop as i64 * 1000 + 500,
-            start_wal: seg_name(start).to_string(),
-            stop_wal: seg_name(stop).to_string(),
-            next_xid: 740,
-            backup_label: String::new(),
-            tablespace_map: String::new(),
-            tablespaces: vec![],
-            chunk_size: 4096,
-            entries: vec![
-                Entry { path: "base".into(), mode: 0o700, size: 0, mtime_ms: 0, kind: EntryKind::Dir },
-                Entry {
-                    path: "base/1".into(),
-                    mode: 0o600,
-                    size,
-                    mtime_ms: 0,
-                    kind: EntryKind::File { data: FileData::Chunks { chunks } },
-                },
-            ],
-            totals: Totals::default(),
-            walvault_version: "test".into(),
-        }
+        crate::testing::chunked_manifest(id, sysid, SEG, (start, stop), chunks)
     }
 
     fn setup(tag: &str) -> T {

@@ -1131,9 +1131,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::Overrides;
-    use walvault_formats::manifest::{ChunkRef, Entry, EntryKind, FileData, MANIFEST_FORMAT, Totals};
     use walvault_formats::object::EncodeOptions;
-    use walvault_formats::wal::{Lsn, PgVersion, SystemId, synthetic_segment};
+    use walvault_formats::wal::{PgVersion, SystemId, synthetic_segment};
 
     const SEG: u64 = 1 << 20;
 
@@ -1193,41 +1192,7 @@ mod tests {
     }
 
     fn manifest(id: &str, start_seg: u64, stop_seg: u64, chunks: &[(Hash, u64)]) -> Manifest {
-        let name = |s| SegmentName::from_segno(TimelineId::FIRST, SegmentNo(s), identity().segment_size).to_string();
-        let chunks: Vec<ChunkRef> = chunks.iter().map(|&(hash, len)| ChunkRef { hash, len }).collect();
-        let size = chunks.iter().map(|c| c.len).sum();
-        Manifest {
-            format: MANIFEST_FORMAT,
-            id: id.into(),
-            cluster: "main".into(),
-            system_identifier: 77,
-            pg_version: 15,
-            wal_segment_size: SEG,
-            timeline: 1,
-            start_lsn: Lsn(start_seg * SEG + 0x28),
-            stop_lsn: Lsn(stop_seg * SEG + 0x100),
-            start_time_ms: start_seg as i64 * 1000,
-            stop_time_ms: stop_seg as i64 * 1000 + 500,
-            start_wal: name(start_seg),
-            stop_wal: name(stop_seg),
-            next_xid: 740,
-            backup_label: String::new(),
-            tablespace_map: String::new(),
-            tablespaces: vec![],
-            chunk_size: 4096,
-            entries: vec![
-                Entry { path: "base".into(), mode: 0o700, size: 0, mtime_ms: 0, kind: EntryKind::Dir },
-                Entry {
-                    path: "base/1".into(),
-                    mode: 0o600,
-                    size,
-                    mtime_ms: 0,
-                    kind: EntryKind::File { data: FileData::Chunks { chunks } },
-                },
-            ],
-            totals: Totals::default(),
-            walvault_version: "test".into(),
-        }
+        crate::testing::chunked_manifest(id, 77, SEG, (start_seg, stop_seg), chunks)
     }
 
     /// Segments 1 to 8 of timeline 1; backup B1 needs 2..3, B2 needs 6..6;
