@@ -92,6 +92,16 @@ const MIGRATIONS: &[&str] = &[
         conditional_create TEXT NOT NULL CHECK (conditional_create IN ('honoured', 'ignored')),
         probed_at_ms INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // 5: WAL files archive-push let PostgreSQL recycle without storing
+    // them (queue-max): the holes in the PITR window, for info, check and
+    // backup to report.
+    "CREATE TABLE wal_gap (
+        name TEXT PRIMARY KEY,
+        timeline INTEGER NOT NULL,
+        segno INTEGER,
+        dropped_at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a writer waits for another's transaction before giving up.
@@ -197,6 +207,22 @@ impl BackupRecord {
             keep_forever: false,
         }
     }
+}
+
+/// A WAL file archive-push let PostgreSQL recycle without storing it
+/// (`queue-max`): PITR across it is impossible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedWal {
+    /// The file name.
+    pub name: String,
+    /// Its timeline.
+    pub timeline: u32,
+    /// Its segment number (segments only).
+    pub segno: Option<u64>,
+    /// When archive-push dropped it, ms since the epoch.
+    pub dropped_at_ms: i64,
+    /// Why: the backlog and the error that kept it from the repository.
+    pub reason: String,
 }
 
 /// A run of consecutive archived segments on one timeline.
@@ -581,6 +607,42 @@ impl Catalog {
         tx.commit().map_err(fail)
     }
 
+    /// Records that `gap.name` was dropped without being archived (a second
+    /// drop of the same file keeps the first record).
+    pub fn record_dropped(&self, gap: &DroppedWal) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO wal_gap (name, timeline, segno, dropped_at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![gap.name, i64::from(gap.timeline), gap.segno.map(to_i64), gap.dropped_at_ms, gap.reason],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The dropped WAL files that the archive still lacks (one archived
+    /// since, by `walvault repo sync` say, is no gap), in name order.
+    pub fn dropped(&self) -> Result<Vec<DroppedWal>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, timeline, segno, dropped_at_ms, reason FROM wal_gap \
+                 WHERE name NOT IN (SELECT name FROM wal_file) ORDER BY name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(DroppedWal {
+                    name: r.get(0)?,
+                    timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    segno: r.get::<_, Option<i64>>(2)?.map(to_u64),
+                    dropped_at_ms: r.get(3)?,
+                    reason: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
     /// Records the content of timeline `timeline`'s history file.
     pub fn record_history(&self, timeline: TimelineId, entries: &[HistoryEntry]) -> Result<()> {
         insert_history(&self.conn, timeline, entries).map_err(|e| self.err(e))
@@ -873,6 +935,28 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(Catalog::open_existing(&path).unwrap().all_wal().unwrap().len(), 400);
+        std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn dropped_wal_is_recorded_until_archived() {
+        let path = temp("dropped");
+        let cat = Catalog::open(&path).unwrap();
+        let gap = |segno: u64, at: i64| DroppedWal {
+            name: seg(1, segno, 0).name.to_string(),
+            timeline: 1,
+            segno: Some(segno),
+            dropped_at_ms: at,
+            reason: "repository unreachable".into(),
+        };
+        cat.record_dropped(&gap(5, 10)).unwrap();
+        cat.record_dropped(&gap(4, 20)).unwrap();
+        // A second drop of the same file (PostgreSQL retried) keeps the first.
+        cat.record_dropped(&gap(5, 30)).unwrap();
+        assert_eq!(cat.dropped().unwrap(), vec![gap(4, 20), gap(5, 10)]);
+        // Archived after all (copied from another repository): no gap.
+        cat.record_wal(&seg(1, 4, 40)).unwrap();
+        assert_eq!(cat.dropped().unwrap(), vec![gap(5, 10)]);
         std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
     }
 

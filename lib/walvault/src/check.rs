@@ -642,7 +642,34 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Result<CheckReport> {
     if repo.is_object_store() {
         report.checks.push(judge_conditional_create(config, &repo));
     }
+    report.checks.extend(judge_dropped_wal(config));
     Ok(report)
+}
+
+/// WAL that archive-push dropped (`queue-max`), from the catalog: a failed
+/// check until a backup taken since makes PITR from it on intact again,
+/// then a note (PITR across the gap stays impossible). Nothing when no WAL
+/// was dropped.
+fn judge_dropped_wal(config: &Config) -> Option<CheckItem> {
+    const CHECK: &str = "dropped WAL";
+    let catalog = Catalog::open_existing(&config.catalog).ok()?;
+    let dropped = crate::info::dropped_wal(&catalog).ok()?;
+    let latest = dropped.iter().max_by(|a, b| a.dropped_at.cmp(&b.dropped_at))?;
+    let what = format!(
+        "{} WAL file(s) were dropped without being archived (queue-max), last at {}: {}; PITR across them is \
+         impossible",
+        dropped.len(),
+        latest.dropped_at,
+        crate::info::dropped_runs(&dropped).join(", ")
+    );
+    Some(match &latest.intact_from_backup {
+        None => item(
+            CHECK,
+            CheckStatus::Failed,
+            format!("{what}: run 'walvault backup', a new full backup is needed for PITR past the gap"),
+        ),
+        Some(id) => item(CHECK, CheckStatus::Note, format!("{what}; PITR from backup {id} on is intact")),
+    })
 }
 
 /// Probes whether the object store honours `If-None-Match: *` and records

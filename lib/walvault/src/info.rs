@@ -32,6 +32,10 @@ pub struct Info {
     pub backups: Vec<BackupSummary>,
     /// Per timeline, the span of moments a restore can reach.
     pub recoverable: Vec<RecoverableWindow>,
+    /// WAL files archive-push dropped without archiving them (`queue-max`):
+    /// the recoverable window is broken at each, PITR across it is
+    /// impossible.
+    pub dropped_wal: Vec<DroppedWalReport>,
     /// The most recent restore drill.
     pub last_drill: Option<DrillSummary>,
     /// The configured `[retention]` policy, in words (`None`: no policy,
@@ -85,6 +89,65 @@ pub struct BackupSummary {
     pub new_bytes: u64,
     /// Marked with `walvault keep-forever`.
     pub keep_forever: bool,
+}
+
+/// A WAL file that was never archived because archive-push dropped it
+/// (`queue-max`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DroppedWalReport {
+    /// The file name.
+    pub name: String,
+    /// Its timeline.
+    pub timeline: u32,
+    /// When it was dropped (`2026-11-21 14:30:00+00`).
+    pub dropped_at: String,
+    /// Why.
+    pub reason: String,
+    /// The first backup taken after the drop: PITR from it on is intact.
+    /// `None`: no backup since, a new full backup is needed.
+    pub intact_from_backup: Option<String>,
+}
+
+/// The dropped WAL of the catalog, each with the first backup started
+/// after it was dropped (a backup that starts later starts past it).
+pub fn dropped_wal(catalog: &Catalog) -> Result<Vec<DroppedWalReport>> {
+    let mut backups = catalog.backups()?;
+    backups.sort_by_key(|b| b.start_time_ms);
+    Ok(catalog
+        .dropped()?
+        .into_iter()
+        .map(|d| DroppedWalReport {
+            intact_from_backup: backups.iter().find(|b| b.start_time_ms > d.dropped_at_ms).map(|b| b.id.clone()),
+            dropped_at: format_utc(d.dropped_at_ms),
+            name: d.name,
+            timeline: d.timeline,
+            reason: d.reason,
+        })
+        .collect())
+}
+
+/// Consecutive names of `dropped` as `first .. last (n)` runs, for
+/// messages: a long outage drops hundreds.
+pub fn dropped_runs(dropped: &[DroppedWalReport]) -> Vec<String> {
+    let mut runs: Vec<(String, String, u64, u64)> = Vec::new();
+    for d in dropped {
+        let n = u64::from_str_radix(d.name.get(8..24).unwrap_or(""), 16).ok();
+        match (runs.last_mut(), n) {
+            (Some(run), Some(n)) if run.1.get(..8) == d.name.get(..8) && run.3.checked_add(1) == Some(n) => {
+                run.1 = d.name.clone();
+                run.2 += 1;
+                run.3 = n;
+            }
+            _ => runs.push((d.name.clone(), d.name.clone(), 1, n.unwrap_or(u64::MAX - 1))),
+        }
+    }
+    runs.into_iter()
+        .map(
+            |(first, last, count, _)| {
+                if count == 1 { format!("'{first}'") } else { format!("'{first}' .. '{last}' ({count} files)") }
+            },
+        )
+        .collect()
 }
 
 /// The moments a restore can reach on one timeline.
@@ -261,6 +324,7 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
             from_backup: w.from_backup,
         })
         .collect();
+    let dropped_wal = dropped_wal(&catalog)?;
     let last_drill = catalog.drills()?.pop().map(|d| DrillSummary {
         finished_at: format_utc(d.finished_at_ms),
         rto_seconds: d.rto_ms as f64 / 1000.0,
@@ -275,6 +339,7 @@ pub fn info(config: &Config, now_ms: i64) -> Result<Info> {
     Ok(Info {
         backups,
         recoverable,
+        dropped_wal,
         last_drill,
         retention,
         next_expire,
@@ -395,6 +460,25 @@ impl std::fmt::Display for Info {
                 "recoverable on timeline {}: {} .. {}  (LSN {} .. {}, from backup {})",
                 w.timeline, w.earliest, w.latest, w.earliest_lsn, w.latest_lsn, w.from_backup
             )?;
+        }
+        if !self.dropped_wal.is_empty() {
+            writeln!(
+                f,
+                "DROPPED WAL: {} file(s) were never archived (queue-max): PITR across them is impossible",
+                self.dropped_wal.len()
+            )?;
+            for run in dropped_runs(&self.dropped_wal) {
+                writeln!(f, "  dropped: {run}")?;
+            }
+            // The latest drop decides: a backup started after it is past
+            // every gap.
+            if let Some(last) = self.dropped_wal.iter().max_by(|a, b| a.dropped_at.cmp(&b.dropped_at)) {
+                writeln!(f, "  last dropped at {}: {}", last.dropped_at, last.reason)?;
+                match &last.intact_from_backup {
+                    Some(id) => writeln!(f, "  PITR from backup {id} on is intact")?,
+                    None => writeln!(f, "  a new full backup is needed for PITR past the gap: run 'walvault backup'")?,
+                }
+            }
         }
         match &self.last_drill {
             Some(d) => writeln!(

@@ -39,6 +39,7 @@
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
+pub mod async_push;
 pub mod backup;
 pub mod catalog;
 pub mod check;
@@ -61,6 +62,7 @@ pub mod rebuild;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod spool;
 pub mod storage;
 pub mod sync;
 #[cfg(test)]

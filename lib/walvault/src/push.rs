@@ -36,6 +36,11 @@ pub struct PushOutcome {
     pub status: PushStatus,
     /// Problems that did not fail the push, one line each.
     pub warnings: Vec<String>,
+    /// Size of the file pushed, bytes.
+    pub plain_len: u64,
+    /// BLAKE3 of the file pushed: what the async push spool matches its
+    /// records against.
+    pub hash: ContentHash,
 }
 
 /// How many pieces to compress in parallel: one per core (at most 8)
@@ -106,6 +111,13 @@ struct Prepared {
     bytes: Vec<u8>,
     stored: Vec<u8>,
     history: Option<(TimelineId, Vec<HistoryEntry>)>,
+}
+
+impl Prepared {
+    /// The outcome of pushing this file.
+    fn outcome(&self, status: PushStatus, warnings: Vec<String>) -> PushOutcome {
+        PushOutcome { status, warnings, plain_len: self.bytes.len() as u64, hash: self.header.hash }
+    }
 }
 
 /// Reads and encodes the file at `path`; a segment must be
@@ -222,7 +234,7 @@ fn push_multi(config: &Config, path: &Path, name: WalFileName) -> Result<PushOut
     }
     match failure {
         Some(e) => Err(e),
-        None => Ok(PushOutcome { status, warnings }),
+        None => Ok(prepared.outcome(status, warnings)),
     }
 }
 
@@ -263,7 +275,7 @@ fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
                         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
                     }
                 }
-                return Ok(PushOutcome { status: PushStatus::AlreadyArchived, warnings });
+                return Ok(prepared.outcome(PushStatus::AlreadyArchived, warnings));
             }
             Existing::DamagedCopy(damage) => {
                 // The stored object claims this very content but its bytes
@@ -286,7 +298,7 @@ fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
     if let Err(e) = record_in_catalog(config, repo, cluster, &record, history.as_ref()) {
         warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
     }
-    Ok(PushOutcome { status: PushStatus::Stored, warnings })
+    Ok(prepared.outcome(PushStatus::Stored, warnings))
 }
 
 /// The state of an object found under the name being pushed.

@@ -686,11 +686,28 @@ pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
         walvault_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     manifest.totals = totals(&manifest, &copied.objects);
+    warnings.extend(dropped_wal_warning(config));
     let hash = repo.put_manifest(&manifest)?;
     if let Err(e) = record_in_catalog(config, &repo, &cluster, &manifest, &hash.to_string()) {
         warnings.push(format!("backup '{id}' is stored but the catalog was not updated: {e}"));
     }
     Ok(BackupReport { manifest, elapsed: started.elapsed(), warnings })
+}
+
+/// The warning for WAL that archive-push dropped (`queue-max`) and no
+/// backup has been taken since: read before this backup is recorded.
+fn dropped_wal_warning(config: &Config) -> Option<String> {
+    let catalog = crate::catalog::Catalog::open_existing(&config.catalog).ok()?;
+    let uncovered: Vec<_> =
+        crate::info::dropped_wal(&catalog).ok()?.into_iter().filter(|d| d.intact_from_backup.is_none()).collect();
+    if uncovered.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "WAL was dropped without being archived (queue-max): {}; PITR across the gap is impossible, a new full \
+         backup is needed for PITR past it: this backup is one, PITR from it on is intact",
+        crate::info::dropped_runs(&uncovered).join(", ")
+    ))
 }
 
 /// Puts what the copy found into the files' entries (by index), and drops
