@@ -696,6 +696,27 @@ mod tests {
         assert!(!c.object(&first).exists());
         let _ = spool;
         worker.join().unwrap();
+
+        // The repository returns: the next stored file brings the gap's
+        // record into it, and a catalog rebuilt from the repository alone
+        // still knows the gap (invariant 6).
+        fs::remove_file(&wal).unwrap();
+        let repo = crate::repo::Repository::open_config(&c.config).unwrap();
+        assert!(repo.list_gaps().unwrap().is_empty(), "not written while unreachable");
+        crate::push::push(&c.config, &c.segment(2, 2)).unwrap();
+        let recorded = repo.list_gaps().unwrap();
+        assert_eq!(recorded.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), vec![name]);
+        assert_eq!(recorded[0].reason, gaps[0].reason);
+        fs::remove_file(&c.config.catalog).unwrap();
+        crate::rebuild::rebuild(&c.config).unwrap();
+        let rebuilt = Catalog::open(&c.config.catalog).unwrap().dropped().unwrap();
+        assert_eq!(rebuilt, gaps, "the rebuilt catalog has the same gap");
+        // verify knows the record is part of the layout.
+        let report =
+            crate::verify::verify(&c.config, &crate::verify::VerifyOptions { backup: None, wal_only: false, jobs: 2 })
+                .unwrap();
+        let text = report.to_string();
+        assert!(!text.contains("gaps/"), "the record is part of the layout:\n{text}");
         fs::remove_dir_all(&c.dir).unwrap();
     }
 

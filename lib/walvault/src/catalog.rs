@@ -102,6 +102,10 @@ const MIGRATIONS: &[&str] = &[
         dropped_at_ms INTEGER NOT NULL,
         reason TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // 6: whether a dropped file's record is in the repository yet
+    // (`<cluster>/gaps/<name>`): written as soon as the repository can be
+    // reached again, so that `catalog rebuild` finds the gap too.
+    "ALTER TABLE wal_gap ADD COLUMN in_repository INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How long a writer waits for another's transaction before giving up.
@@ -615,6 +619,38 @@ impl Catalog {
                 "INSERT OR IGNORE INTO wal_gap (name, timeline, segno, dropped_at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![gap.name, i64::from(gap.timeline), gap.segno.map(to_i64), gap.dropped_at_ms, gap.reason],
             )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Dropped files whose record is not in the repository yet, in name
+    /// order.
+    pub fn gaps_to_record(&self) -> Result<Vec<DroppedWal>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, timeline, segno, dropped_at_ms, reason FROM wal_gap WHERE in_repository = 0 \
+                 ORDER BY name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(DroppedWal {
+                    name: r.get(0)?,
+                    timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    segno: r.get::<_, Option<i64>>(2)?.map(to_u64),
+                    dropped_at_ms: r.get(3)?,
+                    reason: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Notes that the record of dropped file `name` is in the repository.
+    pub fn mark_gap_recorded(&self, name: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE wal_gap SET in_repository = 1 WHERE name = ?1", params![name])
             .map(|_| ())
             .map_err(|e| self.err(e))
     }

@@ -355,5 +355,19 @@ fn record_in_catalog(
     if let Some((tli, entries)) = history {
         catalog.record_history(*tli, entries)?;
     }
-    catalog.record_wal(record)
+    catalog.record_wal(record)?;
+    // The repository answers again: the records of files dropped meanwhile
+    // (queue-max) go into it, so that `catalog rebuild` finds the gap too.
+    // One indexed query when there are none.
+    for g in catalog.gaps_to_record()? {
+        repo.put_gap(&crate::repo::GapRecord {
+            name: g.name.clone(),
+            timeline: g.timeline,
+            segno: g.segno,
+            dropped_at_ms: g.dropped_at_ms,
+            reason: g.reason,
+        })?;
+        catalog.mark_gap_recorded(&g.name)?;
+    }
+    Ok(())
 }

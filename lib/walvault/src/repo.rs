@@ -10,6 +10,7 @@
 //! <root>/<cluster>/backups/<id>/manifest         one per complete backup, written last
 //! <root>/<cluster>/backups/<id>/keep-forever     present: retention never deletes the backup
 //! <root>/<cluster>/drills/<id>                   the outcome of a restore drill
+//! <root>/<cluster>/gaps/<name>                   a WAL file dropped under queue-max
 //! ```
 //!
 //! Every object is an envelope ([`walvault_formats::object`]). A WAL file's
@@ -86,6 +87,23 @@ pub struct DrillRecord {
     pub rto_ms: i64,
     /// What was checked, or what failed.
     pub detail: String,
+}
+
+/// A WAL file archive-push let PostgreSQL recycle without storing it
+/// (`queue-max`), as recorded in the repository (`<cluster>/gaps/<name>`):
+/// the hole in the PITR window, found again by `catalog rebuild`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapRecord {
+    /// The WAL file name.
+    pub name: String,
+    /// Its timeline.
+    pub timeline: u32,
+    /// Its segment number.
+    pub segno: Option<u64>,
+    /// When it was dropped, ms since the epoch.
+    pub dropped_at_ms: i64,
+    /// Why (the backlog and the error).
+    pub reason: String,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -325,6 +343,22 @@ impl Repository {
                 detail: "a drill with this id already exists".into(),
             }),
         }
+    }
+
+    /// Records a dropped WAL file; a record already there is kept.
+    pub fn put_gap(&self, g: &GapRecord) -> Result<()> {
+        let key = format!("{}/gaps/{}", self.cluster, g.name);
+        self.put_meta(&key, g).map(|_| ())
+    }
+
+    /// Every recorded dropped WAL file, in name order.
+    pub fn list_gaps(&self) -> Result<Vec<GapRecord>> {
+        let prefix = format!("{}/gaps/", self.cluster);
+        let listing = self.storage.list(&prefix).map_err(|e| self.storage_err("list", &prefix, e))?;
+        let mut out: Vec<GapRecord> =
+            listing.iter().map(|m| self.get_meta::<GapRecord>(&m.key)).collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Every recorded drill, oldest first (one listing, one read each).

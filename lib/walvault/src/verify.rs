@@ -247,6 +247,8 @@ enum Class {
     Manifest(String),
     KeepForever(String),
     Drill(String),
+    /// The record of a WAL file dropped under `queue-max`.
+    Gap(String),
 }
 
 impl Class {
@@ -261,6 +263,7 @@ impl Class {
             Class::Manifest(_) => "manifest",
             Class::KeepForever(_) => "keep-forever mark",
             Class::Drill(_) => "drill record",
+            Class::Gap(_) => "dropped-WAL record",
         }
     }
 }
@@ -287,6 +290,7 @@ fn classify(repo: &Repository, key: &str) -> std::result::Result<Class, &'static
         ["backups", id, "manifest"] => Ok(Class::Manifest((*id).to_string())),
         ["backups", id, "keep-forever"] => Ok(Class::KeepForever((*id).to_string())),
         ["drills", id] => Ok(Class::Drill((*id).to_string())),
+        ["gaps", name] => Ok(Class::Gap((*name).to_string())),
         _ => Err("not part of the repository layout"),
     }
 }
@@ -402,6 +406,11 @@ fn check_bytes(
             Ok(d) if d.id == *id => Ok(Content::Fine),
             Ok(d) => Err(damaged(format!("records drill '{}'", d.id))),
             Err(e) => Err(damaged(format!("not a drill record: {e}"))),
+        },
+        Class::Gap(name) => match serde_json::from_slice::<crate::repo::GapRecord>(&plain) {
+            Ok(g) if g.name == *name => Ok(Content::Fine),
+            Ok(g) => Err(damaged(format!("records dropped file '{}'", g.name))),
+            Err(e) => Err(damaged(format!("not a dropped-WAL record: {e}"))),
         },
     }
 }
