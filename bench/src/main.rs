@@ -14,6 +14,7 @@ mod backup;
 mod backup_report;
 mod compare;
 mod ctx;
+mod host;
 mod json;
 mod pg;
 mod report;
@@ -22,13 +23,13 @@ mod stats;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, WALVAULT_BINS, is_root, lookup_user, run};
+use crate::ctx::{Ctx, is_root, lookup_user};
+use crate::host::{WorkDir, copy_binaries, first_line, source_version};
 
 const USAGE: &str = "\
 usage: walvault-bench [--suite archive|backup|all] [--segments N] [--scale-segments M]
@@ -124,70 +125,6 @@ fn parse_args() -> Result<Args> {
         bail!("--scale, --jobs and --rounds must be at least 1");
     }
     Ok(a)
-}
-
-/// The work directory; removed when dropped unless kept. Declared before
-/// the server so that the server is stopped first.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("walvault-bench: kept '{}'", self.path.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("walvault-bench: warning: unable to remove '{}': {e}", self.path.display());
-        }
-    }
-}
-
-/// Copies the release binaries next to this executable into `<work>/bin`,
-/// where the PostgreSQL user can run them.
-fn copy_binaries(ctx: &Ctx) -> Result<()> {
-    let exe = std::env::current_exe().context("unable to find this executable")?;
-    let from = exe.parent().context("this executable has no directory")?;
-    ctx.mkdir("bin")?;
-    for name in WALVAULT_BINS {
-        let src = from.join(name);
-        if !src.is_file() {
-            bail!(
-                "'{}' does not exist; build the binaries first: cargo build --release --workspace --bins",
-                src.display()
-            );
-        }
-        let dst = ctx.bin.join(name);
-        fs::copy(&src, &dst).with_context(|| format!("unable to copy '{}' to '{}'", src.display(), dst.display()))?;
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("unable to make '{}' executable", dst.display()))?;
-    }
-    Ok(())
-}
-
-/// The commit the walvault sources are at, and whether `lib/`, `bins/` or
-/// the lock file differ from it (the binaries measured are built from them).
-fn source_version() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        let mut cmd = std::process::Command::new("git");
-        cmd.arg("-C").arg(&root).args(args).stdin(std::process::Stdio::null());
-        run(cmd).ok().map(|s| s.trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(head) => {
-            let dirty = git(&["status", "--porcelain", "--", "lib", "bins", "Cargo.toml", "Cargo.lock"])
-                .is_none_or(|s| !s.is_empty());
-            if dirty { format!("git {head} with uncommitted changes") } else { format!("git {head}") }
-        }
-        None => "unknown (not a git checkout)".to_string(),
-    }
-}
-
-/// The first line `cmd ARG` prints (a version), or why there is none.
-fn first_line(mut cmd: std::process::Command, arg: &str) -> String {
-    cmd.arg(arg);
-    run(cmd).map(|s| s.lines().next().unwrap_or("").trim().to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 fn main() {

@@ -1,56 +1,12 @@
 //! The results as Markdown: machine, timings, sizes, scale, targets.
 
 use std::fmt::Write as _;
-use std::fs;
-use std::path::Path;
 
 use crate::compare::{Sizes, Timings};
 use crate::scale::Scale;
 use crate::stats::Series;
 
-/// The load average (1, 5, 15 minutes), as /proc/loadavg has it.
-pub fn loadavg() -> String {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-/// Facts about the machine the figures come from.
-pub fn machine(work: &Path, versions: &[(String, String)]) -> Vec<(String, String)> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let mut out = vec![
-        ("CPU".to_string(), format!("{cpu} ({nproc} CPUs online)")),
-        ("memory".to_string(), mem),
-        ("kernel".to_string(), kernel),
-        ("file system of the work directory".to_string(), filesystem_of(work)),
-    ];
-    out.extend(versions.iter().cloned());
-    out
-}
-
-/// `device (type, options)` of the mount holding `path`, from /proc/self/mounts.
-fn filesystem_of(path: &Path) -> String {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4 && path.starts_with(f[1]))
-                .then(|| (f[1].len(), format!("{} on {} ({}, {})", f[0], f[1], f[2], f[3])))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map_or_else(|| "unknown".into(), |(_, s)| s)
-}
+pub use crate::host::{loadavg, machine};
 
 /// Everything measured in one run.
 #[derive(Debug)]
