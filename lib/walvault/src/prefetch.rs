@@ -56,6 +56,12 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(30);
 /// sleeps in between; completions of downloads wake it at once).
 const TICK: Duration = Duration::from_millis(50);
 
+/// How long archive-fetch waits for a segment the worker is downloading
+/// right now (its `.part` exists) before fetching it itself: replay that
+/// catches up with the worker waits for the download under way instead of
+/// paying for a second one.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a starting worker waits for the lock (a worker that is exiting
 /// still holds it) before it leaves the work to the one that holds it.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -254,7 +260,12 @@ pub fn fetch(config: &Config, name: &str, dest: &Path, start_worker: &dyn Fn() -
     };
     let spool = Spool::of(config);
     let mut notes = Vec::new();
-    match spool.take(&owner_prefix(config), &seg, dest) {
+    let owner = owner_prefix(config);
+    let mut taken = spool.take(&owner, &seg, dest);
+    if matches!(taken, Take::Absent) && wait_for_download(&spool, &seg) {
+        taken = spool.take(&owner, &seg, dest);
+    }
+    match taken {
         Take::Served => {
             if let Err(note) = nudge(&spool, &seg, start_worker) {
                 notes.push(note);
@@ -276,6 +287,32 @@ pub fn fetch(config: &Config, name: &str, dest: &Path, start_worker: &dyn Fn() -
     notes.append(&mut report.notes);
     report.notes = notes;
     report
+}
+
+/// Waits (inotify on the spool, at most [`IN_FLIGHT_WAIT`]) while a running
+/// worker downloads `seg`; true when the segment arrived in the spool.
+fn wait_for_download(spool: &Spool, seg: &SegmentName) -> bool {
+    // A download writes `<seg>.part.walvault-tmp` while it decodes, renames
+    // it to `<seg>.part` once verified, and the worker then places it.
+    let part = spool.part_path(seg);
+    let under_way = || part.exists() || fetch::temp_path(&part).exists();
+    if !under_way() || !spool.worker_running().unwrap_or(false) {
+        return false;
+    }
+    let watch = crate::spool::Watch::new(&[spool.dir()]);
+    let deadline = Instant::now() + IN_FLIGHT_WAIT;
+    loop {
+        if spool.data_path(seg).exists() {
+            return true;
+        }
+        let now = Instant::now();
+        // The download ended without a result (failed, evicted): the
+        // direct path decides.
+        if now >= deadline || !under_way() {
+            return spool.data_path(seg).exists();
+        }
+        watch.wait(None, (deadline - now).min(TICK));
+    }
 }
 
 /// Records `seg` as the last restored segment and starts a worker if none
@@ -749,6 +786,42 @@ mod tests {
         assert_eq!(report.result.unwrap(), FetchOutcome::Restored);
         assert_eq!(fs::read(&dest).unwrap(), plains[2]);
         assert_eq!(*started.lock().unwrap(), 1);
+    }
+
+    /// Replay that catches up with the worker waits for the download under
+    /// way instead of downloading the segment a second time: here the
+    /// repository does not even have it, so only the worker's copy can
+    /// answer.
+    #[test]
+    fn a_download_under_way_is_waited_for() {
+        let f = fixture("inflight", 3, 64 * MIB);
+        let plain = synthetic_segment(&f.identity, TimelineId::FIRST, SegmentNo(2), 2);
+        let spool = Spool::of(&f.config);
+        spool.ensure_dir().unwrap();
+        fs::write(spool.owner_path(), format!("{}system-id=77\n", owner_prefix(&f.config))).unwrap();
+        // A worker holds the spool and is decoding segment 2.
+        let lock = lock_worker(&spool).unwrap().unwrap();
+        let part = spool.part_path(&seg(1, 2));
+        fs::write(fetch::temp_path(&part), b"partial").unwrap();
+        let finisher = {
+            let (spool, plain, part) = (Spool::of(&f.config), plain.clone(), part.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                fs::write(&part, &plain).unwrap();
+                let _ = fs::remove_file(fetch::temp_path(&part));
+                fs::write(spool.sidecar_path(&seg(1, 2)), format!("{}\n", ContentHash::of(&plain))).unwrap();
+                fs::rename(&part, spool.data_path(&seg(1, 2))).unwrap();
+            })
+        };
+        let dest = f.dir.join("pg_wal/RECOVERYXLOG");
+        let report = fetch(&f.config, &seg(1, 2).to_string(), &dest, &no_worker);
+        assert_eq!(report.result.unwrap(), FetchOutcome::Restored, "{:?}", report.notes);
+        assert_eq!(fs::read(&dest).unwrap(), plain);
+        finisher.join().unwrap();
+        drop(lock);
+        // No download under way, no worker: the direct path answers.
+        let report = fetch(&f.config, &seg(1, 3).to_string(), &dest, &no_worker);
+        assert_eq!(report.result.unwrap(), FetchOutcome::Missing);
     }
 
     #[test]
