@@ -14,6 +14,8 @@
 // uses only part of them.
 #[allow(dead_code)]
 mod ctx;
+#[allow(dead_code)]
+mod host;
 mod pg;
 mod s3_env;
 mod s3_report;
@@ -29,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, WALVAULT_BINS, describe, is_root, lookup_user, remove_file, run, same_bytes, sync_all};
+use crate::ctx::{Ctx, describe, is_root, lookup_user, remove_file, run, same_bytes, sync_all};
+use crate::host::{WorkDir, copy_binaries, source_version};
 use crate::pg::Segment;
 use crate::s3_env::{BUCKET, Flavor, S3Env};
 use crate::s3_report::{Report, Row};
@@ -480,43 +483,6 @@ fn local_files(dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
     Ok(())
 }
 
-/// The work directory; removed when dropped unless kept.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("walvault-bench-s3: kept '{}'", self.path.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("walvault-bench-s3: warning: unable to remove '{}': {e}", self.path.display());
-        }
-    }
-}
-
-/// Copies the release binaries next to this executable into `<work>/bin`.
-fn copy_binaries(ctx: &Ctx) -> Result<()> {
-    let exe = std::env::current_exe().context("unable to find this executable")?;
-    let from = exe.parent().context("this executable has no directory")?;
-    ctx.mkdir("bin")?;
-    for name in WALVAULT_BINS {
-        let src = from.join(name);
-        if !src.is_file() {
-            bail!(
-                "'{}' does not exist; build the binaries first: cargo build --release --workspace --bins",
-                src.display()
-            );
-        }
-        let dst = ctx.bin.join(name);
-        fs::copy(&src, &dst).with_context(|| format!("unable to copy '{}' to '{}'", src.display(), dst.display()))?;
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("unable to make '{}' executable", dst.display()))?;
-    }
-    Ok(())
-}
-
 /// The version line `program ARGS` prints (on stdout or stderr): the first
 /// line starting with the program's name, else the first line; `None` when
 /// it cannot be run.
@@ -530,24 +496,6 @@ fn version_of(program: &str, args: &[&str]) -> Option<String> {
     let name = Path::new(program).file_name().map(|n| n.to_string_lossy().trim_end_matches('4').to_string());
     let lines = || text.lines().map(str::trim).filter(|l| !l.is_empty());
     lines().find(|l| name.as_deref().is_some_and(|n| l.starts_with(n))).or_else(|| lines().next()).map(str::to_string)
-}
-
-/// The commit the walvault sources are at, and whether they differ from it.
-fn source_version() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        let mut cmd = Command::new("git");
-        cmd.arg("-C").arg(&root).args(args).stdin(Stdio::null());
-        run(cmd).ok().map(|s| s.trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(head) => {
-            let dirty = git(&["status", "--porcelain", "--", "lib", "bins", "Cargo.toml", "Cargo.lock"])
-                .is_none_or(|s| !s.is_empty());
-            if dirty { format!("git {head} with uncommitted changes") } else { format!("git {head}") }
-        }
-        None => "unknown (not a git checkout)".to_string(),
-    }
 }
 
 fn main() {
@@ -569,7 +517,7 @@ fn main() {
 
 fn real_main(args: &Args) -> Result<()> {
     let started = Instant::now();
-    let load_before = s3_report::loadavg();
+    let load_before = host::loadavg();
     if !is_root()? {
         bail!("run walvault-bench-s3 as root: it starts PostgreSQL as 'postgres', stunnel and an S3 server");
     }
@@ -620,10 +568,10 @@ fn real_main(args: &Args) -> Result<()> {
     let mut report = Report::default();
     let mut clients = Vec::new();
     for round in 1..=args.rounds {
-        let load = s3_report::loadavg();
+        let load = host::loadavg();
         clients = setup_round(&ctx, &env, &pgdata, round, have)?;
         measure_round(&ctx, &env, &clients, &segments, round, &mut report)?;
-        report.loads.push((round, load, s3_report::loadavg()));
+        report.loads.push((round, load, host::loadavg()));
         if round == 1 {
             report.sizes = sizes(&ctx, &env, &clients, &segments)?;
         }

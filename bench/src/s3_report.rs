@@ -3,7 +3,7 @@
 //! bytes, per-round medians and the targets.
 
 use std::fmt::Write as _;
-use std::fs;
+
 use std::path::Path;
 
 use crate::Took;
@@ -78,42 +78,6 @@ impl Report {
     }
 }
 
-/// The load average (1, 5, 15 minutes), as /proc/loadavg has it.
-pub fn loadavg() -> String {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-fn machine(work: &Path) -> Vec<(String, String)> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let fs_of = mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4 && work.starts_with(f[1])).then(|| (f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map_or_else(|| "unknown".into(), |(_, s)| s);
-    vec![
-        ("CPU".to_string(), format!("{cpu} ({nproc} CPUs online)")),
-        ("memory".to_string(), mem),
-        ("kernel".to_string(), kernel),
-        ("file system of the work directory (and of s3s-fs's objects)".to_string(), fs_of),
-    ]
-}
-
 fn find<'a>(rows: &'a [Row], label: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.label == label)
 }
@@ -178,7 +142,7 @@ pub fn markdown(
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "### Machine\n\n| | |\n|---|---|");
-    for (k, v) in machine(work) {
+    for (k, v) in crate::host::machine(work, &[]) {
         let _ = writeln!(out, "| {k} | {v} |");
     }
     for (k, v) in versions {

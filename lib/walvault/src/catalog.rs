@@ -229,6 +229,17 @@ pub struct DroppedWal {
     pub reason: String,
 }
 
+/// A `wal_gap` row: name, timeline, segno, dropped_at_ms, reason.
+fn dropped_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DroppedWal> {
+    Ok(DroppedWal {
+        name: r.get(0)?,
+        timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+        segno: r.get::<_, Option<i64>>(2)?.map(to_u64),
+        dropped_at_ms: r.get(3)?,
+        reason: r.get(4)?,
+    })
+}
+
 /// A run of consecutive archived segments on one timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentRun {
@@ -633,17 +644,7 @@ impl Catalog {
                  ORDER BY name",
             )
             .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(DroppedWal {
-                    name: r.get(0)?,
-                    timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                    segno: r.get::<_, Option<i64>>(2)?.map(to_u64),
-                    dropped_at_ms: r.get(3)?,
-                    reason: r.get(4)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], dropped_row).map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
     }
 
@@ -665,17 +666,7 @@ impl Catalog {
                  WHERE name NOT IN (SELECT name FROM wal_file) ORDER BY name",
             )
             .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(DroppedWal {
-                    name: r.get(0)?,
-                    timeline: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                    segno: r.get::<_, Option<i64>>(2)?.map(to_u64),
-                    dropped_at_ms: r.get(3)?,
-                    reason: r.get(4)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], dropped_row).map_err(|e| self.err(e))?;
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
