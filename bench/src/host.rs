@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, WALVAULT_BINS, run};
+use crate::ctx::{Ctx, WALVAULT_BINS, is_root, lookup_user, run};
 
 /// The work directory; removed when dropped unless kept. Declare it before
 /// any server living in it, so that the server is stopped first.
@@ -27,6 +27,30 @@ impl Drop for WorkDir {
             eprintln!("walvault-bench: warning: unable to remove '{}': {e}", self.path.display());
         }
     }
+}
+
+/// What every program does before measuring: checks that PostgreSQL 15 is
+/// installed, creates the work directory `<tmp>/<name>-<pid>` (owned by
+/// `postgres` when running as root, who then runs every server and timed
+/// command) and copies the walvault binaries into it. Bind the work
+/// directory before any server living in it.
+pub fn setup(name: &str, keep: bool) -> Result<(WorkDir, Ctx)> {
+    let initdb = Path::new(crate::ctx::PG_BIN).join("initdb");
+    if !initdb.is_file() {
+        bail!("'{}' does not exist: install PostgreSQL 15 with scripts/install-deps.sh", initdb.display());
+    }
+    let pg_user = if is_root()? {
+        Some(lookup_user("postgres")?.context("running as root, but the OS user 'postgres' does not exist")?)
+    } else {
+        None
+    };
+    let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    fs::create_dir(&path).with_context(|| format!("unable to create '{}'", path.display()))?;
+    let work = WorkDir { path: path.clone(), keep };
+    let ctx = Ctx { bin: path.join("bin"), work: path, pg_user };
+    ctx.chown(&ctx.work)?;
+    copy_binaries(&ctx)?;
+    Ok((work, ctx))
 }
 
 /// Copies the release binaries next to this executable into `<work>/bin`,

@@ -28,8 +28,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, is_root, lookup_user};
-use crate::host::{WorkDir, copy_binaries, first_line, source_version};
+use crate::ctx::Ctx;
+use crate::host::{first_line, source_version};
 
 const USAGE: &str = "\
 usage: walvault-bench [--suite archive|backup|all] [--segments N] [--scale-segments M]
@@ -153,21 +153,7 @@ fn real_main(args: &Args) -> Result<()> {
              will make the figures noisy"
         );
     }
-    let initdb = Path::new(ctx::PG_BIN).join("initdb");
-    if !initdb.is_file() {
-        bail!("'{}' does not exist: install PostgreSQL 15 with scripts/install-deps.sh", initdb.display());
-    }
-    let pg_user = if is_root()? {
-        Some(lookup_user("postgres")?.context("running as root, but the OS user 'postgres' does not exist")?)
-    } else {
-        None
-    };
-    let path = std::env::temp_dir().join(format!("walvault-bench-{}", std::process::id()));
-    fs::create_dir(&path).with_context(|| format!("unable to create '{}'", path.display()))?;
-    let work = WorkDir { path: path.clone(), keep: args.keep };
-    let ctx = Ctx { bin: path.join("bin"), work: path, pg_user };
-    ctx.chown(&ctx.work)?;
-    copy_binaries(&ctx)?;
+    let (work, ctx) = host::setup("walvault-bench", args.keep)?;
 
     let pgbackrest = compare::pgbackrest_version(&ctx);
     if pgbackrest.is_none() {

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, describe, is_root, lookup_user, remove_file, run, same_bytes, sync_all};
-use crate::host::{WorkDir, copy_binaries, source_version};
+use crate::ctx::{Ctx, describe, is_root, remove_file, run, same_bytes, sync_all};
+use crate::host::source_version;
 use crate::pg::Segment;
 use crate::s3_env::{BUCKET, Flavor, S3Env};
 use crate::s3_report::{Report, Row};
@@ -521,11 +521,6 @@ fn real_main(args: &Args) -> Result<()> {
     if !is_root()? {
         bail!("run walvault-bench-s3 as root: it starts PostgreSQL as 'postgres', stunnel and an S3 server");
     }
-    let pg_user = lookup_user("postgres")?.context("the OS user 'postgres' does not exist: install PostgreSQL 15")?;
-    let initdb = Path::new(ctx::PG_BIN).join("initdb");
-    if !initdb.is_file() {
-        bail!("'{}' does not exist: install PostgreSQL 15 with scripts/install-deps.sh", initdb.display());
-    }
     if version_of("stunnel4", &["-version"]).is_none() && !Path::new("/usr/bin/stunnel4").is_file() {
         bail!("stunnel4 is not installed: run scripts/bench-deps.sh");
     }
@@ -538,12 +533,7 @@ fn real_main(args: &Args) -> Result<()> {
         }
     }
 
-    let path = std::env::temp_dir().join(format!("walvault-bench-s3-{}", std::process::id()));
-    fs::create_dir(&path).with_context(|| format!("unable to create '{}'", path.display()))?;
-    let work = WorkDir { path: path.clone(), keep: args.keep };
-    let ctx = Ctx { bin: path.join("bin"), work: path, pg_user: Some(pg_user) };
-    ctx.chown(&ctx.work)?;
-    copy_binaries(&ctx)?;
+    let (work, ctx) = host::setup("walvault-bench-s3", args.keep)?;
 
     eprintln!("walvault-bench-s3: making {} WAL segments with pgbench in '{}'", args.segments, ctx.work.display());
     let mut server = pg::Server::initdb(&ctx)?;

@@ -32,13 +32,12 @@ mod stats;
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::ctx::{Ctx, is_root, lookup_user};
-use crate::host::{WorkDir, copy_binaries, first_line, source_version};
+use crate::host::{first_line, source_version};
 
 const USAGE: &str = "\
 usage: walvault-bench-speed [--quick] [--load-seconds S] [--jobs J] [--loop-segments N]
@@ -211,21 +210,7 @@ fn main() {
 fn real_main(args: &Args) -> Result<bool> {
     let started = Instant::now();
     let load_before = host::loadavg();
-    let initdb = Path::new(ctx::PG_BIN).join("initdb");
-    if !initdb.is_file() {
-        bail!("'{}' does not exist: install PostgreSQL 15 with scripts/install-deps.sh", initdb.display());
-    }
-    let pg_user = if is_root()? {
-        Some(lookup_user("postgres")?.context("running as root, but the OS user 'postgres' does not exist")?)
-    } else {
-        None
-    };
-    let path = std::env::temp_dir().join(format!("walvault-bench-speed-{}", std::process::id()));
-    fs::create_dir(&path).with_context(|| format!("unable to create '{}'", path.display()))?;
-    let work = WorkDir { path: path.clone(), keep: args.keep };
-    let ctx = Ctx { bin: path.join("bin"), work: path, pg_user };
-    ctx.chown(&ctx.work)?;
-    copy_binaries(&ctx)?;
+    let (work, ctx) = host::setup("walvault-bench-speed", args.keep)?;
     let pgbackrest = compare::pgbackrest_version(&ctx);
     if pgbackrest.is_none() {
         eprintln!(
