@@ -2,7 +2,8 @@
 //! configuration, printing errors, and the one mapping from errors to exit
 //! codes. No logic lives here.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use walvault::config::{Config, Overrides};
@@ -49,6 +50,38 @@ impl CommonArgs {
         };
         Config::load(&overrides, std::env::var_os("WALVAULT_CONFIG").map(PathBuf::from))
     }
+
+    /// The flags that make a background worker (async push, prefetch) load
+    /// the same configuration as this call. Relative paths (`--config`,
+    /// `WALVAULT_CONFIG`, `--catalog`, a local `--repository`) are made
+    /// absolute against the current directory, because a worker outlives
+    /// the call and may run elsewhere (the prefetch worker runs in `/`).
+    pub fn worker_args(&self) -> Vec<OsString> {
+        let env_config = std::env::var_os("WALVAULT_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from);
+        worker_args_with(self, env_config.as_deref())
+    }
+}
+
+/// [`CommonArgs::worker_args`] with `WALVAULT_CONFIG` given.
+fn worker_args_with(common: &CommonArgs, env_config: Option<&Path>) -> Vec<OsString> {
+    // `absolute` fails only without a current directory; the path is then
+    // passed unchanged and the worker reports what it cannot read.
+    let absolute = |p: &Path| std::path::absolute(p).map_or_else(|_| p.as_os_str().to_owned(), Into::into);
+    let mut args = Vec::new();
+    let mut add = |flag: &str, value: Option<OsString>| {
+        if let Some(v) = value {
+            args.push(OsString::from(flag));
+            args.push(v);
+        }
+    };
+    add("--config", common.config.as_deref().or(env_config).map(absolute));
+    let repository =
+        common.repository.as_ref().map(|r| if r.contains("://") { OsString::from(r) } else { absolute(Path::new(r)) });
+    add("--repository", repository);
+    add("--repo", common.repo.clone().map(Into::into));
+    add("--cluster", common.cluster.clone().map(Into::into));
+    add("--catalog", common.catalog.as_deref().map(absolute));
+    args
 }
 
 /// Prints an error as one line, plus a `HINT:` line when there is advice.
@@ -91,5 +124,53 @@ pub fn parse_args<T: clap::Parser>(program: &str, usage_exit: i32) -> T {
             eprintln!("HINT: see '{program} --help'");
             std::process::exit(usage_exit)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_args_make_relative_paths_absolute() {
+        let cwd = std::env::current_dir().expect("a current directory");
+        let common = CommonArgs {
+            config: Some("walvault.toml".into()),
+            repository: Some("repo".into()),
+            repo: Some("nas".into()),
+            cluster: Some("main".into()),
+            catalog: Some("/var/lib/walvault/catalog.db".into()),
+        };
+        let args = worker_args_with(&common, None);
+        let expected: Vec<OsString> = vec![
+            "--config".into(),
+            cwd.join("walvault.toml").into(),
+            "--repository".into(),
+            cwd.join("repo").into(),
+            "--repo".into(),
+            "nas".into(),
+            "--cluster".into(),
+            "main".into(),
+            "--catalog".into(),
+            "/var/lib/walvault/catalog.db".into(),
+        ];
+        assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn worker_args_carry_a_relative_walvault_config_and_leave_urls_alone() {
+        let cwd = std::env::current_dir().expect("a current directory");
+        let common = CommonArgs { repository: Some("s3://bucket/prefix".into()), ..CommonArgs::default() };
+        let args = worker_args_with(&common, Some(Path::new("conf/walvault.toml")));
+        let expected: Vec<OsString> = vec![
+            "--config".into(),
+            cwd.join("conf/walvault.toml").into(),
+            "--repository".into(),
+            "s3://bucket/prefix".into(),
+        ];
+        assert_eq!(args, expected);
+        // --config wins over WALVAULT_CONFIG, as when loading.
+        let common = CommonArgs { config: Some("/etc/walvault/a.toml".into()), ..CommonArgs::default() };
+        assert_eq!(worker_args_with(&common, Some(Path::new("b.toml")))[1], OsString::from("/etc/walvault/a.toml"));
     }
 }

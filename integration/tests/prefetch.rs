@@ -144,10 +144,20 @@ fn recovery_with_prefetch_matches_recovery_without_and_the_spool_is_never_truste
     for name in [&k1, &k2] {
         wv.fetch(name, out_dir.join(format!("{name}.direct"))).assert_silent_success();
     }
-    wv_manual.fetch(&k, out_dir.join("K")).assert_silent_success();
+    // The configuration named relative to the caller's directory (as
+    // `WALVAULT_CONFIG=manual.toml`): the worker, which runs in `/`, must
+    // still find it.
+    let wv_relative = wv.with_config(Path::new("manual.toml"));
+    wv_relative.fetch_in(td.path(), &k, out_dir.join("K")).assert_silent_success();
     wait_until(LONG, "the worker to prefetch K+1 and K+2", || {
         manual_spool.join("fetch").join(&k1).is_file() && manual_spool.join("fetch").join(&k2).is_file()
     });
+    // The worker yields the CPU to replay.
+    let pid = running_worker(&manual_spool).expect("a prefetch worker holds the lock");
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the worker's /proc stat");
+    // Field 19 is the nice value; the command (field 2) ends at the last ')'.
+    let nice = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().nth(16)).and_then(|f| f?.parse().ok());
+    assert_eq!(nice, Some(walvault::prefetch::WORKER_NICE), "the worker's nice value: {stat}");
     // K+1 comes from the spool: it arrives while the repository lacks it.
     let object1 = object_path(&repo, "main", &k1);
     let aside = td.join("aside");

@@ -32,23 +32,6 @@ struct Cli {
     dest: Option<String>,
 }
 
-/// The flags that make a worker read the same configuration as this call.
-fn worker_args(common: &CommonArgs) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![WORKER_FLAG.into()];
-    let mut add = |flag: &str, value: Option<OsString>| {
-        if let Some(v) = value {
-            args.push(flag.into());
-            args.push(v);
-        }
-    };
-    add("--config", common.config.clone().map(Into::into));
-    add("--repository", common.repository.clone().map(Into::into));
-    add("--repo", common.repo.clone().map(Into::into));
-    add("--cluster", common.cluster.clone().map(Into::into));
-    add("--catalog", common.catalog.clone().map(Into::into));
-    args
-}
-
 fn main() {
     let cli: Cli = parse_args("archive-fetch", EXIT_ABORT_RECOVERY);
     let config = match cli.common.load() {
@@ -69,7 +52,9 @@ fn main() {
     let (wal_name, dest) = (cli.wal_name.unwrap_or_default(), PathBuf::from(cli.dest.unwrap_or_default()));
     let start_worker = || {
         let exe = std::env::current_exe()?;
-        prefetch::spawn_detached(&exe, &worker_args(&cli.common), &Spool::of(&config).log_path())
+        let mut args: Vec<OsString> = vec![WORKER_FLAG.into()];
+        args.extend(cli.common.worker_args());
+        prefetch::spawn_detached(&exe, &args, &Spool::of(&config).log_path())
     };
     let report = prefetch::fetch(&config, &wal_name, &dest, &start_worker);
     for note in &report.notes {

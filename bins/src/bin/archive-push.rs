@@ -4,7 +4,6 @@
 //! file's outcome from a background worker, which it starts as
 //! `archive-push --worker <pg_wal>`.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -25,23 +24,6 @@ struct Cli {
     // message; walvault's is clearer.
     #[arg(required_unless_present = "worker")]
     wal_path: Option<String>,
-}
-
-/// The flags a worker needs to load the same configuration.
-fn config_args(common: &CommonArgs) -> Vec<OsString> {
-    let mut args = Vec::new();
-    let mut push = |flag: &str, value: Option<OsString>| {
-        if let Some(v) = value {
-            args.push(OsString::from(flag));
-            args.push(v);
-        }
-    };
-    push("--config", common.config.clone().map(Into::into));
-    push("--repository", common.repository.clone().map(Into::into));
-    push("--repo", common.repo.clone().map(Into::into));
-    push("--cluster", common.cluster.clone().map(Into::into));
-    push("--catalog", common.catalog.clone().map(Into::into));
-    args
 }
 
 fn main() {
@@ -66,7 +48,7 @@ fn main() {
     let launcher = Launcher {
         // /proc/self/exe; should it be unreadable, PATH finds archive-push.
         program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("archive-push")),
-        args: config_args(&cli.common),
+        args: cli.common.worker_args(),
     };
     let wal_path = PathBuf::from(cli.wal_path.unwrap_or_default());
     let code = match archive(&config, &wal_path, &launcher) {

@@ -55,6 +55,14 @@ impl Compression {
     }
 }
 
+/// Inputs from this size on are hashed by two threads in
+/// [`ContentHash::of_filled`].
+pub const PARALLEL_HASH_MIN: u64 = 2 << 20;
+
+/// Buffer size of [`ContentHash::of_filled`]: small enough to stay in a
+/// core's cache between the read and the hash.
+const HASH_BUF: usize = 256 << 10;
+
 /// A BLAKE3 hash of an object's plaintext, shown as 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ContentHash(pub [u8; 32]);
@@ -63,6 +71,53 @@ impl ContentHash {
     /// BLAKE3 of `bytes`.
     pub fn of(bytes: &[u8]) -> ContentHash {
         ContentHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// BLAKE3 of `len` bytes that `fill(offset, buf)` reads into `buf`
+    /// (a `pread` of a file, say): read through small buffers that stay in
+    /// the CPU cache instead of one allocation of the whole length, and,
+    /// from [`PARALLEL_HASH_MIN`] bytes on, as two subtrees hashed by two
+    /// threads. Same result as [`ContentHash::of`] of those bytes.
+    ///
+    /// # Errors
+    /// The first error `fill` returns.
+    pub fn of_filled<F>(len: u64, fill: F) -> std::io::Result<ContentHash>
+    where
+        F: Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync,
+    {
+        use blake3::hazmat::{HasherExt, Mode, left_subtree_len, merge_subtrees_root};
+        // One hasher over [start, end) of the input, starting at `start`.
+        let hash_range = |hasher: &mut blake3::Hasher, start: u64, end: u64| -> std::io::Result<()> {
+            let mut buf = vec![0u8; usize::try_from((end - start).min(HASH_BUF as u64)).unwrap_or(HASH_BUF)];
+            let mut at = start;
+            while at < end {
+                let n = usize::try_from((end - at).min(buf.len() as u64)).unwrap_or(buf.len());
+                fill(at, &mut buf[..n])?;
+                hasher.update(&buf[..n]);
+                at += n as u64;
+            }
+            Ok(())
+        };
+        if len < PARALLEL_HASH_MIN {
+            let mut hasher = blake3::Hasher::new();
+            hash_range(&mut hasher, 0, len)?;
+            return Ok(ContentHash(*hasher.finalize().as_bytes()));
+        }
+        // The root's left subtree is the largest power-of-two number of
+        // chunks that leaves at least one for the right.
+        let split = left_subtree_len(len);
+        std::thread::scope(|s| {
+            let right = s.spawn(|| -> std::io::Result<_> {
+                let mut hasher = blake3::Hasher::new();
+                hasher.set_input_offset(split);
+                hash_range(&mut hasher, split, len)?;
+                Ok(hasher.finalize_non_root())
+            });
+            let mut hasher = blake3::Hasher::new();
+            let left = hash_range(&mut hasher, 0, split).map(|()| hasher.finalize_non_root());
+            let right = right.join().unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked")))?;
+            Ok(ContentHash(*merge_subtrees_root(&left?, &right, Mode::Hash).as_bytes()))
+        })
     }
 
     /// Parses 64 lower- or upper-case hex digits.
@@ -551,6 +606,76 @@ pub fn decode_to<W: std::io::Write>(bytes: &[u8], out: &mut W) -> Result<ObjectH
     })
 }
 
+/// Decodes objects one after another on the calling thread, frame by
+/// frame into one buffer it keeps: for a process that decodes many
+/// objects (the prefetch worker), no allocation and no page faults per
+/// object once warm, and no threads. CPU time per object is lower than
+/// [`decode_to`]'s, wall time higher. The buffer grows to the largest frame
+/// met (at most the largest plaintext, [`MAX_PLAIN_LEN`]).
+pub struct Decoder {
+    dctx: zstd::bulk::Decompressor<'static>,
+    plain: Vec<u8>,
+}
+
+impl Decoder {
+    /// A decoder with an empty buffer.
+    ///
+    /// # Errors
+    /// zstd cannot allocate its context.
+    pub fn new() -> std::io::Result<Decoder> {
+        Ok(Decoder { dctx: zstd::bulk::Decompressor::new()?, plain: Vec::new() })
+    }
+
+    /// Like [`decode_to`]: decodes and verifies `bytes`, writing the
+    /// plaintext to `out` as it goes; on any error `out` holds unverified
+    /// bytes that the caller must discard.
+    ///
+    /// # Errors
+    /// As [`decode_to`].
+    pub fn decode_to<W: std::io::Write>(&mut self, bytes: &[u8], out: &mut W) -> Result<ObjectHeader, DecodeToError> {
+        let header = parse_header(bytes)?;
+        let payload = &bytes[HEADER_LEN..];
+        if header.compression != Compression::Zstd {
+            return decode_to(bytes, out);
+        }
+        // Frames that do not declare their sizes (not written by walvault)
+        // take the streaming path, which checks them the slow way.
+        let Some(frames) = frames_of(payload, header.plain_len) else {
+            return decode_to(bytes, out);
+        };
+        if payload.len() as u64 != header.payload_len {
+            return Err(
+                ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len }.into()
+            );
+        }
+        if check8(payload) != header.payload_check {
+            return Err(ObjectError::PayloadCheck.into());
+        }
+        let largest = frames.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        if self.plain.len() < largest {
+            self.plain.resize(largest, 0);
+        }
+        let mut hasher = blake3::Hasher::new();
+        for (frame, size) in frames {
+            let dst = &mut self.plain[..size];
+            let n = self.dctx.decompress_to_buffer(frame, dst).map_err(|e| ObjectError::Decompress(e.to_string()))?;
+            if n != size {
+                return Err(ObjectError::PlainLength { actual: n as u64, expected: size as u64 }.into());
+            }
+            // Hash and write each piece while it is still in the cache.
+            for piece in dst.chunks(HASH_BUF) {
+                hasher.update(piece);
+                out.write_all(piece).map_err(DecodeToError::Write)?;
+            }
+        }
+        let actual = ContentHash(*hasher.finalize().as_bytes());
+        if actual != header.hash {
+            return Err(ObjectError::Hash { actual, expected: header.hash }.into());
+        }
+        Ok(header)
+    }
+}
+
 /// Most frames [`decode_to`] decompresses at once, one thread each.
 const MAX_PARALLEL_FRAMES: usize = 16;
 
@@ -559,6 +684,13 @@ const MAX_PARALLEL_FRAMES: usize = 16;
 /// and the sizes add up to `plain_len`. Anything else gets `None` and the
 /// streaming path, which checks it all the slow way.
 fn frame_plan(payload: &[u8], plain_len: u64) -> Option<Vec<(&[u8], usize)>> {
+    frames_of(payload, plain_len).filter(|frames| frames.len() > 1)
+}
+
+/// The payload's frames with their declared content sizes, if there are at
+/// most [`MAX_PARALLEL_FRAMES`], each declares its size, and the sizes add
+/// up to `plain_len`.
+fn frames_of(payload: &[u8], plain_len: u64) -> Option<Vec<(&[u8], usize)>> {
     let mut frames = Vec::new();
     let mut rest = payload;
     let mut total = 0u64;
@@ -579,7 +711,7 @@ fn frame_plan(payload: &[u8], plain_len: u64) -> Option<Vec<(&[u8], usize)>> {
         frames.push((frame, usize::try_from(size).ok()?));
         rest = tail;
     }
-    (frames.len() > 1 && total == plain_len).then_some(frames)
+    (total == plain_len).then_some(frames)
 }
 
 /// Decompresses independent frames on one thread each, straight into their
@@ -730,6 +862,78 @@ mod tests {
             if off > 0 { Err(std::io::Error::other("read failed")) } else { Ok(()) }
         });
         assert!(failing.is_err());
+    }
+
+    #[test]
+    fn a_reused_decoder_gives_what_decode_gives_and_refuses_what_it_refuses() {
+        let mut decoder = Decoder::new().unwrap();
+        let big = sample().repeat(100);
+        let small = sample().repeat(3);
+        // Several frames, one frame, stored uncompressed, then several
+        // again: the buffer is reused across sizes.
+        let objects = [
+            encode(&big, &EncodeOptions { workers: 4, ..Default::default() }).unwrap(),
+            encode(&small, &EncodeOptions { workers: 1, ..Default::default() }).unwrap(),
+            encode(&small, &EncodeOptions { compression: Compression::None, ..Default::default() }).unwrap(),
+            encode(&big[..big.len() / 3], &EncodeOptions { workers: 2, ..Default::default() }).unwrap(),
+        ];
+        for (i, (header, stored)) in objects.iter().enumerate() {
+            let mut out = Vec::new();
+            assert_eq!(decoder.decode_to(stored, &mut out).unwrap(), *header, "object {i}");
+            assert_eq!(out, decode(stored).unwrap().1, "object {i}");
+        }
+        let (_, stored) = &objects[0];
+        // A flipped payload byte fails the payload check; a header whose
+        // hash is another file's fails the plaintext hash.
+        let mut flipped = stored.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(matches!(
+            decoder.decode_to(&flipped, &mut Vec::new()),
+            Err(DecodeToError::Object(ObjectError::PayloadCheck))
+        ));
+        // A well-formed header naming another file's hash.
+        let mut claimed = parse_header(stored).unwrap();
+        claimed.hash.0[0] ^= 1;
+        let mut other = encode_header(&claimed).to_vec();
+        other.extend_from_slice(&stored[HEADER_LEN..]);
+        assert!(matches!(
+            decoder.decode_to(&other, &mut Vec::new()),
+            Err(DecodeToError::Object(ObjectError::Hash { .. }))
+        ));
+        let mut out = Vec::new();
+        decoder.decode_to(stored, &mut out).unwrap();
+        assert_eq!(out, big, "the decoder still works after refusing");
+    }
+
+    #[test]
+    fn hash_of_filled_equals_hash_of_bytes() {
+        // Around the chunk (1 KiB), buffer (256 KiB) and parallel (2 MiB)
+        // boundaries, odd lengths, and a 16 MiB segment.
+        let base: Vec<u8> = (0..(16u32 << 20) + 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for len in [0, 1, 1023, 1024, 1025, 256 << 10, (256 << 10) + 1, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, 3 << 20]
+            .into_iter()
+            .chain([(5 << 20) + 7, 16 << 20, (16 << 20) + 3])
+        {
+            let plain = &base[..len];
+            let filled = ContentHash::of_filled(len as u64, |off, buf| {
+                let off = off as usize;
+                buf.copy_from_slice(&plain[off..off + buf.len()]);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(filled, ContentHash::of(plain), "length {len}");
+        }
+    }
+
+    #[test]
+    fn hash_of_filled_reports_read_errors_from_either_half() {
+        for bad_at in [0u64, 1 << 20, 12 << 20] {
+            let r = ContentHash::of_filled(16 << 20, |off, _| {
+                if off == bad_at { Err(std::io::Error::other("read failed")) } else { Ok(()) }
+            });
+            assert_eq!(r.unwrap_err().to_string(), "read failed", "error at {bad_at}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use walvault_formats::object::{self, ContentHash, DecodeToError};
+use walvault_formats::object::{self, ContentHash, DecodeToError, Decoder};
 use walvault_formats::wal::WalFileName;
 
 use crate::config::{Config, FetchOnError};
@@ -127,7 +127,7 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
         return Err(Error::Setting("the destination path (%p) is empty".into()));
     }
     let repo = Repository::open_config(config)?;
-    Ok(match restore_from(&repo, &name, dest)? {
+    Ok(match restore_from(&repo, &name, dest, None)? {
         Some(_) => FetchOutcome::Restored,
         None => FetchOutcome::Missing,
     })
@@ -137,16 +137,19 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
 /// downloads), with the same fallback rules: the first repository, in the
 /// order given, that restores the file wins; "missing" only when every one
 /// says so. Returns the BLAKE3 of the restored plaintext, `None` for
-/// missing, and the notes about repositories that failed.
+/// missing, and the notes about repositories that failed. Decodes with
+/// `decoder` (one thread, reused buffers: the worker's CPU is shared with
+/// replay).
 pub(crate) fn fetch_from(
     repos: &[(String, Repository)],
     name: &WalFileName,
     dest: &Path,
+    decoder: &mut Decoder,
 ) -> (Result<Option<ContentHash>>, Vec<String>) {
     let mut notes = Vec::new();
     let mut failure = None;
     for (repo_name, repo) in repos {
-        match restore_from(repo, name, dest) {
+        match restore_from(repo, name, dest, Some(&mut *decoder)) {
             Ok(Some(hash)) => return (Ok(Some(hash)), notes),
             Ok(None) => {}
             Err(e @ Error::Write { .. }) => return (Err(e), notes),
@@ -167,7 +170,14 @@ pub(crate) fn fetch_from(
 
 /// Restores `name` from `repo` to `dest`, verified; the BLAKE3 of the
 /// plaintext, or `None` when the repository (which answers) lacks it.
-fn restore_from(repo: &Repository, name: &WalFileName, dest: &Path) -> Result<Option<ContentHash>> {
+/// Without a `decoder`, decodes with [`object::decode_to`] (parallel
+/// frames: lowest wall time for a single file).
+fn restore_from(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+    decoder: Option<&mut Decoder>,
+) -> Result<Option<ContentHash>> {
     let key = repo.wal_key(name);
     let stored = match repo.storage().get(&key) {
         Ok(bytes) => bytes,
@@ -189,7 +199,11 @@ fn restore_from(repo: &Repository, name: &WalFileName, dest: &Path) -> Result<Op
     // hashed; the temporary becomes `dest` only if every check passed.
     // No fsync: PostgreSQL reads the file at once, and after a crash it
     // asks for it again. The rename only makes it appear whole.
-    let decoded = object::decode_to(&stored, &mut file).map_err(|e| match e {
+    let decoded = match decoder {
+        Some(decoder) => decoder.decode_to(&stored, &mut file),
+        None => object::decode_to(&stored, &mut file),
+    };
+    let decoded = decoded.map_err(|e| match e {
         DecodeToError::Object(source) => corrupt(source),
         DecodeToError::Write(source) => Error::Write { path: dest.to_path_buf(), source },
     });
