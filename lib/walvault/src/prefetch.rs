@@ -376,6 +376,27 @@ pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> io::Resu
 /// How much the prefetch worker lowers its priority (`nice`).
 pub const WORKER_NICE: i32 = 10;
 
+/// Why [`Worker::run`] returned.
+enum Ended {
+    /// Idle for the configured time: the spool is emptied.
+    Idle,
+    /// The spool's lock file is no longer the one this worker locked.
+    Replaced,
+}
+
+/// A file's identity (device, inode), to tell a file from a new one at
+/// the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Inode(u64, u64);
+
+impl Inode {
+    fn of(file: &File) -> io::Result<Inode> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Inode(m.dev(), m.ino()))
+    }
+}
+
 /// One finished download.
 struct Done {
     seg: SegmentName,
@@ -425,9 +446,10 @@ pub fn run_worker(config: &Config, idle: Duration, log: &mut dyn FnMut(&str)) ->
     let spool = Spool::of(config);
     let write_err = |path: PathBuf| move |source| Error::Write { path, source };
     spool.ensure_dir().map_err(write_err(spool.dir().to_path_buf()))?;
-    let Some(_lock) = lock_worker(&spool).map_err(write_err(spool.lock_path()))? else {
+    let Some(lock) = lock_worker(&spool).map_err(write_err(spool.lock_path()))? else {
         return Ok(());
     };
+    let lock_id = Inode::of(&lock).map_err(write_err(spool.lock_path()))?;
     let mut repos = Vec::new();
     for view in config.each() {
         repos.push((view.repo_name().to_string(), Repository::open_config(&view)?));
@@ -467,8 +489,15 @@ pub fn run_worker(config: &Config, idle: Duration, log: &mut dyn FnMut(&str)) ->
         missing_from: None,
     };
     worker.adopt(&owner).map_err(write_err(spool.owner_path()))?;
-    worker.run(idle);
-    worker.clear();
+    match worker.run(idle, lock_id) {
+        Ended::Idle => worker.clear(),
+        // What is there now belongs to a new worker: leave it alone.
+        Ended::Replaced => (worker.log)(&format!(
+            "the spool '{}' was removed or replaced while this worker ran; leaving it to the new worker",
+            spool.dir().display()
+        )),
+    }
+    drop(lock);
     Ok(())
 }
 
@@ -564,10 +593,15 @@ impl Worker<'_> {
         self.ready.clear();
     }
 
-    fn run(&mut self, idle: Duration) {
+    fn run(&mut self, idle: Duration, lock_id: Inode) -> Ended {
         let (tx, rx) = mpsc::channel::<Done>();
         let mut last_activity = Instant::now();
         loop {
+            // Someone removed the spool (or its lock file) and a new worker
+            // may already run there: two would download everything twice.
+            if File::open(self.spool.lock_path()).and_then(|f| Inode::of(&f)).ok() != Some(lock_id) {
+                return Ended::Replaced;
+            }
             if let Some(request) = self.spool.read_request()
                 && self.request != Some(request)
             {
@@ -576,7 +610,7 @@ impl Worker<'_> {
             }
             self.schedule(&tx);
             if self.in_flight.is_empty() && last_activity.elapsed() >= idle {
-                return;
+                return Ended::Idle;
             }
             match rx.recv_timeout(TICK) {
                 Ok(done) => {
@@ -585,7 +619,7 @@ impl Worker<'_> {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // Impossible while `tx` lives; leave rather than spin.
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ended::Idle,
             }
         }
     }
@@ -995,6 +1029,35 @@ mod tests {
         // A worker clears them.
         run_once(&f);
         assert!(!spool.data_path(&seg(1, 2)).exists());
+    }
+
+    #[test]
+    fn a_worker_whose_spool_was_replaced_leaves_without_touching_the_new_one() {
+        let f = fixture("replaced", 2, 64 * MIB);
+        let spool = Spool::of(&f.config);
+        spool.ensure_dir().unwrap();
+        let config = f.config.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            let result = run_worker(&config, Duration::from_secs(60), &mut |l: &str| lines.push(l.to_string()));
+            let _ = tx.send((result.is_ok(), lines));
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !spool.worker_running().unwrap() {
+            assert!(Instant::now() < deadline, "the worker did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Removed and made again (as a restore or an operator would), with
+        // a new worker's file in it.
+        fs::remove_dir_all(spool.dir()).unwrap();
+        spool.ensure_dir().unwrap();
+        let theirs = spool.dir().join("owner");
+        fs::write(&theirs, "a new worker's\n").unwrap();
+        let (ok, lines) = rx.recv_timeout(Duration::from_secs(5)).expect("the old worker left within 5 s, not 60");
+        assert!(ok);
+        assert!(lines.iter().any(|l| l.contains("was removed or replaced")), "{lines:?}");
+        assert_eq!(fs::read_to_string(&theirs).unwrap(), "a new worker's\n", "the new spool is left alone");
     }
 
     #[test]

@@ -46,13 +46,18 @@ pub struct FileId {
 }
 
 impl FileId {
-    /// Reads and hashes the file at `path`.
+    /// Reads and hashes the file at `path`, through small buffers on two
+    /// threads (archive-push does this for every file it hands over).
     ///
     /// # Errors
     /// [`Error::Read`] naming the file.
     pub fn of_file(path: &Path) -> Result<FileId> {
-        let bytes = fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        Ok(FileId::of_bytes(&bytes))
+        use std::os::unix::fs::FileExt;
+        let read_err = |source| Error::Read { path: path.to_path_buf(), source };
+        let file = fs::File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
+        let hash = ContentHash::of_filled(size, |offset, buf| file.read_exact_at(buf, offset)).map_err(read_err)?;
+        Ok(FileId { size, blake3: hash.to_string() })
     }
 
     /// The identity of `bytes`.
