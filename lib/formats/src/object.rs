@@ -633,6 +633,33 @@ impl Decoder {
     /// # Errors
     /// As [`decode_to`].
     pub fn decode_to<W: std::io::Write>(&mut self, bytes: &[u8], out: &mut W) -> Result<ObjectHeader, DecodeToError> {
+        self.decode(bytes, out, true)
+    }
+
+    /// [`Decoder::decode_to`] with every check but the last: the plaintext's
+    /// BLAKE3 is not computed (when the payload is frames of declared
+    /// sizes; otherwise it is). The caller must compare the BLAKE3 of what
+    /// was written with the returned `hash` before the bytes are used: the
+    /// prefetch spool does that at the handover, so that one hash covers
+    /// the download, the decode and the spool.
+    ///
+    /// # Errors
+    /// As [`decode_to`], but never [`ObjectError::Hash`] for framed
+    /// payloads.
+    pub fn decode_to_hash_deferred<W: std::io::Write>(
+        &mut self,
+        bytes: &[u8],
+        out: &mut W,
+    ) -> Result<ObjectHeader, DecodeToError> {
+        self.decode(bytes, out, false)
+    }
+
+    fn decode<W: std::io::Write>(
+        &mut self,
+        bytes: &[u8],
+        out: &mut W,
+        hash: bool,
+    ) -> Result<ObjectHeader, DecodeToError> {
         let header = parse_header(bytes)?;
         let payload = &bytes[HEADER_LEN..];
         if header.compression != Compression::Zstd {
@@ -664,9 +691,14 @@ impl Decoder {
             }
             // Hash and write each piece while it is still in the cache.
             for piece in dst.chunks(HASH_BUF) {
-                hasher.update(piece);
+                if hash {
+                    hasher.update(piece);
+                }
                 out.write_all(piece).map_err(DecodeToError::Write)?;
             }
+        }
+        if !hash {
+            return Ok(header);
         }
         let actual = ContentHash(*hasher.finalize().as_bytes());
         if actual != header.hash {
@@ -904,6 +936,16 @@ mod tests {
         let mut out = Vec::new();
         decoder.decode_to(stored, &mut out).unwrap();
         assert_eq!(out, big, "the decoder still works after refusing");
+        // Deferred: the same bytes come out, the claimed hash is returned
+        // for the caller to check, and every other check still applies.
+        let mut out = Vec::new();
+        assert_eq!(decoder.decode_to_hash_deferred(&other, &mut out).unwrap().hash, claimed.hash);
+        assert_eq!(out, big);
+        assert_ne!(ContentHash::of(&out), claimed.hash, "the caller's check is what catches it");
+        assert!(matches!(
+            decoder.decode_to_hash_deferred(&flipped, &mut Vec::new()),
+            Err(DecodeToError::Object(ObjectError::PayloadCheck))
+        ));
     }
 
     #[test]

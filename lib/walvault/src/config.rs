@@ -719,7 +719,8 @@ mod tests {
             "retention",
             "repository = \"/r\"\npg-bin = \"/usr/lib/postgresql/15/bin\"\n[retention]\nkeep-last = 2\nkeep-within = \"14d\"\nkeep-daily = 7\ngrace = \"2h\"\n",
         );
-        let c = Config::load(&Overrides::default(), Some(p)).unwrap();
+        let c = Config::load(&Overrides::default(), Some(p.clone())).unwrap();
+        std::fs::remove_file(p).unwrap();
         assert_eq!(c.retention.keep_last, Some(2));
         assert_eq!(c.retention.keep_within_secs, Some(14 * 86_400));
         assert_eq!(c.retention.keep_daily, Some(7));
@@ -737,10 +738,12 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         let p = write("keep0", "repository = \"/r\"\n[retention]\nkeep-last = 0\n");
-        let e = Config::load(&Overrides::default(), Some(p)).unwrap_err().to_string();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        std::fs::remove_file(p).unwrap();
         assert!(e.contains("every backup"), "{e}");
         let p = write("badwithin", "repository = \"/r\"\n[retention]\nkeep-within = \"forever\"\n");
-        let e = Config::load(&Overrides::default(), Some(p)).unwrap_err().to_string();
+        let e = Config::load(&Overrides::default(), Some(p.clone())).unwrap_err().to_string();
+        std::fs::remove_file(p).unwrap();
         assert!(e.contains("retention.keep-within") && e.contains("forever"), "{e}");
     }
 

@@ -139,7 +139,8 @@ fn fetch_one(config: &Config, name: &str, dest: &Path) -> Result<FetchOutcome> {
 /// says so. Returns the BLAKE3 of the restored plaintext, `None` for
 /// missing, and the notes about repositories that failed. Decodes with
 /// `decoder` (one thread, reused buffers: the worker's CPU is shared with
-/// replay).
+/// replay) and every check but the plaintext's BLAKE3: the returned hash
+/// is the object's claim, which the handover verifies (invariant 4).
 pub(crate) fn fetch_from(
     repos: &[(String, Repository)],
     name: &WalFileName,
@@ -170,8 +171,9 @@ pub(crate) fn fetch_from(
 
 /// Restores `name` from `repo` to `dest`, verified; the BLAKE3 of the
 /// plaintext, or `None` when the repository (which answers) lacks it.
-/// Without a `decoder`, decodes with [`object::decode_to`] (parallel
-/// frames: lowest wall time for a single file).
+/// Without a `decoder`, decodes and verifies with [`object::decode_to`]
+/// (parallel frames: lowest wall time for a single file); with one, the
+/// plaintext's BLAKE3 is left to the caller (see [`fetch_from`]).
 fn restore_from(
     repo: &Repository,
     name: &WalFileName,
@@ -200,7 +202,9 @@ fn restore_from(
     // No fsync: PostgreSQL reads the file at once, and after a crash it
     // asks for it again. The rename only makes it appear whole.
     let decoded = match decoder {
-        Some(decoder) => decoder.decode_to(&stored, &mut file),
+        // The prefetch worker: its caller checks the plaintext's BLAKE3
+        // against the returned hash at the handover (one hash per segment).
+        Some(decoder) => decoder.decode_to_hash_deferred(&stored, &mut file),
         None => object::decode_to(&stored, &mut file),
     };
     let decoded = decoded.map_err(|e| match e {

@@ -1,11 +1,12 @@
-//! Prefetching fetch (`prefetch = N`): a spool of verified WAL segments in
+//! Prefetching fetch (`prefetch = N`): a spool of decoded WAL segments in
 //! `<spool-path>/fetch/`, kept ahead of recovery by a background worker.
 //!
 //! [`fetch()`] is what `archive-fetch %f %p` runs. For a segment it first
 //! looks in the spool: a copy there is moved to `%p` (a rename on the same
 //! file system, else a copy), its BLAKE3 checked against the record the
-//! worker wrote when it downloaded and verified it, and only then renamed to
-//! `%p`. Anything else (no copy, a damaged copy, a spool that cannot be
+//! worker wrote when it downloaded it (the hash the object's header claims:
+//! this check is the one verification of the plaintext, covering download,
+//! decode and spool), and only then renamed to `%p`. Anything else (no copy, a damaged copy, a spool that cannot be
 //! used) falls back to the direct path, [`crate::fetch::fetch_all`], which
 //! alone may answer "missing": the spool is a cache, never an authority.
 //! After a segment was restored, [`fetch()`] records it as the last file asked
@@ -14,7 +15,7 @@
 //! [`run_worker`] is the worker (`archive-fetch --prefetch-worker`), one per
 //! spool (a lock on `worker.lock`). It keeps the `prefetch` segments after
 //! the requested one, on the same timeline, downloaded (`jobs` at a time,
-//! within `prefetch-max` bytes), verified and in the spool; removes what
+//! within `prefetch-max` bytes), checked and in the spool; removes what
 //! recovery will not ask for again (segments at or before the request,
 //! other timelines); and exits, emptying the spool, once nothing was asked
 //! for during its idle time.
@@ -24,8 +25,8 @@
 //! <spool>/fetch/worker.log      the worker's stderr
 //! <spool>/fetch/owner           cluster, repositories and system id the files belong to
 //! <spool>/fetch/request         the last segment archive-fetch restored
-//! <spool>/fetch/<segment>       plaintext, verified when downloaded
-//! <spool>/fetch/<segment>.b3    its BLAKE3 (written before the segment appears)
+//! <spool>/fetch/<segment>       plaintext, decoded when downloaded
+//! <spool>/fetch/<segment>.b3    the BLAKE3 its object claims (written before the segment appears)
 //! <spool>/fetch/<segment>.part  a download in progress
 //! ```
 
@@ -957,6 +958,33 @@ mod tests {
         assert_eq!(report.result.unwrap(), FetchOutcome::Restored);
         assert_eq!(fs::read(&dest).unwrap(), plain);
         assert_eq!(*started.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_object_whose_plaintext_is_not_what_its_header_claims_is_never_handed_over() {
+        // The worker leaves the plaintext's hash to the handover: an object
+        // with a valid header and payload that claims another file's hash
+        // reaches the spool, and must stop there.
+        let f = fixture("claims", 2, 64 * MIB);
+        archive(&f, 1, 1);
+        let plain2 = archive(&f, 1, 2);
+        let repo = Repository::open_config(&f.config).unwrap();
+        let object = f.dir.join("repo").join(repo.wal_key(&WalFileName::Segment(seg(1, 2))));
+        let mut claimed = ContentHash::of(&plain2);
+        claimed.0[5] ^= 0x10;
+        let (_, lying) = walvault_formats::object::encode_hashed(&plain2, claimed, &EncodeOptions::default()).unwrap();
+        fs::write(&object, &lying).unwrap();
+        let worker = prefill(&f, seg(1, 1), &[seg(1, 2)]);
+        let dest = f.dir.join("pg_wal/RECOVERYXLOG");
+        let report = fetch(&f.config, &seg(1, 2).to_string(), &dest, &no_worker);
+        assert!(
+            report.notes.iter().any(|n| n.contains("discarded the prefetched copy") && n.contains("expected")),
+            "{:?}",
+            report.notes
+        );
+        assert!(matches!(report.result, Err(Error::Corrupt { .. })), "{:?}", report.result);
+        assert!(!dest.exists(), "nothing at %p");
+        worker.join().unwrap();
     }
 
     #[test]
