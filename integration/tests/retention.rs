@@ -163,6 +163,30 @@ fn expire_racing_archive_push_and_killed_half_way_loses_nothing() {
         backup.join().expect("backup thread").expect_success("the backup that held the lock");
     });
 
+    // A restore and a drill share the lock too: while an expire holds it
+    // (here this test, exclusively, as expire does), both wait before
+    // reading anything, and go on once it is released.
+    let lock =
+        std::fs::OpenOptions::new().read(true).write(true).open(repo.join("main").join("lock")).expect("lock file");
+    lock.lock().expect("take the repository lock exclusively, as expire does");
+    let restored = td.join("restored-under-lock");
+    let drills = td.mkdir("drills");
+    let drill_dir = drills.display().to_string();
+    thread::scope(|s| {
+        let restore = s.spawn(|| wv.restore(&restored, &[]));
+        let drill = s.spawn(|| wv.walvault(&["drill", "--dir", &drill_dir]));
+        thread::sleep(Duration::from_secs(3));
+        assert!(!restore.is_finished() && !drill.is_finished(), "restore and drill wait for the lock");
+        let written = std::fs::read_dir(&restored).map_or(0, |d| d.count());
+        assert_eq!(written, 0, "the restore wrote nothing while expire held the lock");
+        let drilled = std::fs::read_dir(&drills).map_or(0, |d| d.count());
+        assert_eq!(drilled, 0, "the drill made no directory while expire held the lock");
+        lock.unlock().expect("release the lock");
+        restore.join().expect("restore thread").expect_success("restore once the lock is free");
+        drill.join().expect("drill thread").expect_success("drill once the lock is free");
+    });
+    assert!(restored.join("PG_VERSION").is_file(), "the restore completed");
+
     // kill -9 at several points, each followed by verify (consistent), then
     // one run finishes the job.
     primary.pgbench(&["-n", "-t", "200"]);

@@ -1771,6 +1771,11 @@ pub fn drill(config: &Config, opts: &DrillOptions) -> Result<DrillReport> {
     };
     let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
+    // Held for the whole drill, not just its restore: the recovery reads
+    // WAL from the repository until the server is checked, and an expire
+    // that removed the backup meanwhile would fail the drill for nothing.
+    let mut lock_warnings = Vec::new();
+    let _lock = crate::lock::shared_for_reading(config, "drill", &mut lock_warnings)?;
     let major = cluster.identity.pg_version.major();
     let bin = resolve_bin_dir(config.pg_bin.as_deref(), major, &probe_bin_dir, &pg_config_bindir)
         .map_err(|e| lift(e, None))?;
@@ -1812,7 +1817,7 @@ pub fn drill(config: &Config, opts: &DrillOptions) -> Result<DrillReport> {
         restore_ms: None,
         rto_ms: None,
         checks: Vec::new(),
-        warnings: Vec::new(),
+        warnings: lock_warnings,
         log_tail: Vec::new(),
         server: None,
     };

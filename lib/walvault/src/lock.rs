@@ -49,6 +49,13 @@
 //! waits); a backup waits up to [`BACKUP_WAIT`] for an expire to finish,
 //! since a nightly backup that fails because maintenance ran is worse than
 //! one that starts late.
+//!
+//! Readers: `walvault restore` and `walvault drill` share the lock too
+//! ([`shared_for_reading`]), for as long as they read backup objects and
+//! WAL, so that an expire neither deletes the backup being restored nor the
+//! WAL its recovery needs. A host that may only read the repository (a
+//! read-only mount, credentials without PUT) still restores: without the
+//! lock, with a warning that says what it risks.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{BuildHasher, Hasher};
@@ -77,6 +84,65 @@ pub const HOLDERS_DIR: &str = "lock.d";
 pub const LOCKS_DIR: &str = "locks";
 /// How long a backup waits for an expire to release the lock.
 pub const BACKUP_WAIT: Duration = Duration::from_secs(3600);
+
+/// How long a restore or a drill waits for an expire to release the lock.
+pub const READER_WAIT: Duration = BACKUP_WAIT;
+
+/// Takes the shared lock for `command`, a reader of backups and WAL
+/// (restore, drill), waiting up to [`READER_WAIT`] for an expire. When this
+/// host cannot write the lock at all (permission refused, read-only file
+/// system, a store that ignores create-only writes), returns `None` and
+/// pushes a warning: refusing would make a read-only repository
+/// unrestorable. The lock's own notes (stale holders removed) are pushed
+/// too.
+///
+/// # Errors
+/// [`LockError::Busy`] (an expire still runs after the wait) and
+/// [`LockError::PossiblyStale`], as for a backup; any other failure to
+/// take the lock (an unreachable store) and to open the repository.
+pub fn shared_for_reading(
+    config: &Config,
+    command: &str,
+    warnings: &mut Vec<String>,
+) -> crate::error::Result<Option<RepoLock<'static>>> {
+    shared_for_reading_within(config, command, READER_WAIT, warnings)
+}
+
+/// [`shared_for_reading`], waiting up to `wait`.
+fn shared_for_reading_within(
+    config: &Config,
+    command: &str,
+    wait: Duration,
+    warnings: &mut Vec<String>,
+) -> crate::error::Result<Option<RepoLock<'static>>> {
+    match RepoLock::acquire_config(config, LockMode::Shared, command, wait) {
+        Ok(lock) => {
+            warnings.extend(lock.notes().iter().cloned());
+            Ok(Some(lock))
+        }
+        Err(crate::Error::Lock(e)) if cannot_write_lock(&e) => {
+            warnings.push(format!(
+                "{command} runs without the repository lock ({e}): an expire running meanwhile could delete \
+                 what it reads; run {command} where the repository is writable, or make sure no expire runs"
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the lock failed because this host may not write it, as opposed
+/// to being held or the store failing.
+fn cannot_write_lock(e: &LockError) -> bool {
+    let refused =
+        |kind: io::ErrorKind| matches!(kind, io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem);
+    match e {
+        LockError::Io { source, .. } => refused(source.kind()),
+        LockError::Storage { source: StorageError::Io { source, .. }, .. } => refused(source.kind()),
+        LockError::UnsafeStore { .. } => true,
+        _ => false,
+    }
+}
 
 /// Even with no wait, a busy lock is tried again for this long: a holder
 /// records itself just after taking the lock and removes its record just
@@ -955,6 +1021,49 @@ mod tests {
         let _y = RepoLock::acquire(&repo, LockMode::Shared, "backup", Duration::ZERO).unwrap();
         let keys: Vec<String> = repo.storage().list("main/").unwrap().into_iter().map(|m| m.key).collect();
         assert!(keys.iter().all(|k| !k.contains("lock.d")), "{keys:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn readers_wait_for_expire_and_go_on_without_a_lock_only_where_they_cannot_write_one() {
+        let (dir, config, _) = crate::testing::temp_repo("lock-readers", 9, WalSegmentSize::DEFAULT);
+        let repo = Repository::open_config(&config).unwrap();
+        let expire = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap();
+        let mut warnings = Vec::new();
+        let e = shared_for_reading_within(&config, "restore", Duration::from_millis(200), &mut warnings).unwrap_err();
+        assert!(e.to_string().contains("locked by expire"), "{e}");
+        drop(expire);
+        let held = shared_for_reading_within(&config, "restore", Duration::ZERO, &mut warnings).unwrap();
+        assert!(held.is_some() && warnings.is_empty(), "{warnings:?}");
+        // A backup (shared) and a drill share it with the restore; expire
+        // does not get it.
+        let drill = shared_for_reading_within(&config, "drill", Duration::ZERO, &mut warnings).unwrap();
+        assert!(drill.is_some());
+        let e = RepoLock::acquire(&repo, LockMode::Exclusive, "expire", Duration::ZERO).unwrap_err().to_string();
+        assert!(e.contains("locked by restore") && e.contains("drill"), "{e}");
+        drop((held, drill));
+        // Which failures mean "this host cannot write a lock" (go on,
+        // warned) rather than "held" or "the store failed" (stop).
+        let io = |kind| LockError::Io { path: dir.clone(), source: io::Error::from(kind) };
+        let store = |kind| LockError::Storage {
+            op: "create",
+            repo: "s3://b/p".into(),
+            key: "main/locks/shared-x".into(),
+            source: StorageError::Io { key: "main/locks/shared-x".into(), source: io::Error::from(kind) },
+        };
+        assert!(cannot_write_lock(&io(io::ErrorKind::PermissionDenied)));
+        assert!(cannot_write_lock(&io(io::ErrorKind::ReadOnlyFilesystem)));
+        assert!(cannot_write_lock(&store(io::ErrorKind::PermissionDenied)));
+        assert!(!cannot_write_lock(&store(io::ErrorKind::TimedOut)));
+        assert!(!cannot_write_lock(&io(io::ErrorKind::NotFound)));
+        let busy = LockError::Busy {
+            repo: "r".into(),
+            path: dir.clone(),
+            holders: Vec::new(),
+            waited: Duration::ZERO,
+            stale_after: None,
+        };
+        assert!(!cannot_write_lock(&busy));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

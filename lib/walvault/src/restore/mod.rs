@@ -691,6 +691,10 @@ fn restore_from(config: &Config, full: &Config, opts: &RestoreOptions) -> Result
     // The plan, then the manifest and where each part of it goes.
     let repo = Repository::open_config(config)?;
     let cluster = repo.cluster_info()?;
+    // Shared with backups, held until the restore returns, taken before the
+    // plan is made: an expire (exclusive) that ran meanwhile has finished,
+    // and none deletes the chosen backup's objects while they are read.
+    let _lock = crate::lock::shared_for_reading(config, "restore", &mut warnings)?;
     let req = plan::Request {
         target: goal.to_plan(),
         timeline: timeline.to_plan(),
