@@ -477,14 +477,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
 /// decompression, plaintext length and hash. Returns the plaintext only if
 /// every check passes.
 pub fn decode(bytes: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
-    let header = parse_header(bytes)?;
-    let payload = &bytes[HEADER_LEN..];
-    if payload.len() as u64 != header.payload_len {
-        return Err(ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len });
-    }
-    if check8(payload) != header.payload_check {
-        return Err(ObjectError::PayloadCheck);
-    }
+    let (header, payload) = checked_payload(bytes)?;
     let plain = match header.compression {
         Compression::None => payload.to_vec(),
         Compression::Zstd => {
@@ -501,6 +494,20 @@ pub fn decode(bytes: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
         return Err(ObjectError::Hash { actual, expected: header.hash });
     }
     Ok((header, plain))
+}
+
+/// The header and the payload of `bytes`, once the header, the payload's
+/// length and its check are right.
+fn checked_payload(bytes: &[u8]) -> Result<(ObjectHeader, &[u8]), ObjectError> {
+    let header = parse_header(bytes)?;
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() as u64 != header.payload_len {
+        return Err(ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len });
+    }
+    if check8(payload) != header.payload_check {
+        return Err(ObjectError::PayloadCheck);
+    }
+    Ok((header, payload))
 }
 
 /// Why [`decode_to`] failed.
@@ -539,14 +546,7 @@ fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usiz
 /// and the caller must discard them (write to a temporary, rename only on
 /// success).
 pub fn decode_to<W: std::io::Write>(bytes: &[u8], out: &mut W) -> Result<ObjectHeader, DecodeToError> {
-    let header = parse_header(bytes)?;
-    let payload = &bytes[HEADER_LEN..];
-    if payload.len() as u64 != header.payload_len {
-        return Err(ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len }.into());
-    }
-    if check8(payload) != header.payload_check {
-        return Err(ObjectError::PayloadCheck.into());
-    }
+    let (header, payload) = checked_payload(bytes)?;
     if header.compression == Compression::None {
         let actual = ContentHash::of(payload);
         if actual != header.hash {
@@ -660,24 +660,16 @@ impl Decoder {
         out: &mut W,
         hash: bool,
     ) -> Result<ObjectHeader, DecodeToError> {
-        let header = parse_header(bytes)?;
-        let payload = &bytes[HEADER_LEN..];
-        if header.compression != Compression::Zstd {
-            return decode_to(bytes, out);
-        }
-        // Frames that do not declare their sizes (not written by walvault)
-        // take the streaming path, which checks them the slow way.
-        let Some(frames) = frames_of(payload, header.plain_len) else {
+        let (header, payload) = checked_payload(bytes)?;
+        // Stored objects, and frames that do not declare their sizes (not
+        // written by walvault), take the general path.
+        let frames = match header.compression {
+            Compression::Zstd => frames_of(payload, header.plain_len),
+            Compression::None => None,
+        };
+        let Some(frames) = frames else {
             return decode_to(bytes, out);
         };
-        if payload.len() as u64 != header.payload_len {
-            return Err(
-                ObjectError::PayloadLength { actual: payload.len() as u64, expected: header.payload_len }.into()
-            );
-        }
-        if check8(payload) != header.payload_check {
-            return Err(ObjectError::PayloadCheck.into());
-        }
         let largest = frames.iter().map(|(_, n)| *n).max().unwrap_or(0);
         if self.plain.len() < largest {
             self.plain.resize(largest, 0);
