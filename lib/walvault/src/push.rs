@@ -79,17 +79,21 @@ fn validate(name: &WalFileName, bytes: &[u8], cluster: &ClusterInfo) -> Result<(
     }
 }
 
-/// One repository to push into, opened, with the cluster it holds.
+/// One repository to push into, opened, with the cluster it holds and its
+/// catalog, opened once per push.
 struct Target {
-    config: Config,
     repo: Repository,
     cluster: ClusterInfo,
+    /// The catalog, or why it cannot be opened: a push does not fail for
+    /// its index (a warning says it was not updated).
+    catalog: Result<Catalog>,
 }
 
 impl Target {
     fn open(config: &Config) -> Result<Target> {
         let repo = Repository::open_config(config)?;
         let cluster = repo.cluster_info()?;
+        let catalog = Catalog::open(&config.catalog);
         if repo.is_object_store() {
             // Whether the store honours If-None-Match, as `walvault init`
             // or `check` recorded it: from the local catalog, so no request
@@ -97,10 +101,20 @@ impl Target {
             // check-then-write. Its warning was printed by init/check and
             // shows in `info`; repeating it on every file would bury the
             // server log.
-            let catalog = Catalog::open(&config.catalog).ok();
-            let _ = crate::probe::configure_for_push(&repo, catalog.as_ref(), config.s3.conditional_create);
+            let _ = crate::probe::configure_for_push(&repo, catalog.as_ref().ok(), config.s3.conditional_create);
         }
-        Ok(Target { config: config.clone(), repo, cluster })
+        Ok(Target { repo, cluster, catalog })
+    }
+
+    /// Records the pushed file in the catalog; the error, if any, as the
+    /// warning line.
+    fn record(&self, record: &WalRecord, history: Option<&(TimelineId, Vec<HistoryEntry>)>) -> Option<String> {
+        let name = &record.name;
+        let recorded = match &self.catalog {
+            Ok(catalog) => record_in_catalog(catalog, &self.repo, &self.cluster, record, history),
+            Err(e) => return Some(format!("'{name}' is archived but the catalog was not updated: {e}")),
+        };
+        recorded.err().map(|e| format!("'{name}' is archived but the catalog was not updated: {e}"))
     }
 }
 
@@ -254,7 +268,7 @@ fn first_required_error(views: &[Config], opened: Vec<Result<Target>>) -> Error 
 
 /// Stores the prepared file into one repository.
 fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
-    let Target { config, repo, cluster } = target;
+    let Target { repo, cluster, .. } = target;
     let Prepared { name, header, bytes, stored, history } = prepared;
     let name = *name;
     validate(&name, bytes, cluster)?;
@@ -271,9 +285,7 @@ fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
                 // catalog write failed.
                 if let Ok(Some(meta)) = repo.storage().head(&key) {
                     let record = WalRecord::of_object(name, cluster.identity.segment_size, header, &meta);
-                    if let Err(e) = record_in_catalog(config, repo, cluster, &record, history.as_ref()) {
-                        warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
-                    }
+                    warnings.extend(target.record(&record, history.as_ref()));
                 }
                 return Ok(prepared.outcome(PushStatus::AlreadyArchived, warnings));
             }
@@ -295,9 +307,7 @@ fn store(target: &Target, prepared: &Prepared) -> Result<PushOutcome> {
     // The file is durable: from here on nothing may fail the push. The
     // catalog is an index that `catalog rebuild` can always recreate.
     let record = WalRecord::of_object(name, cluster.identity.segment_size, header, &meta);
-    if let Err(e) = record_in_catalog(config, repo, cluster, &record, history.as_ref()) {
-        warnings.push(format!("'{name}' is archived but the catalog was not updated: {e}"));
-    }
+    warnings.extend(target.record(&record, history.as_ref()));
     Ok(prepared.outcome(PushStatus::Stored, warnings))
 }
 
@@ -340,13 +350,12 @@ fn verify_existing(repo: &Repository, name: &WalFileName, key: &str, new: &Conte
 }
 
 fn record_in_catalog(
-    config: &Config,
+    catalog: &Catalog,
     repo: &Repository,
     cluster: &ClusterInfo,
     record: &WalRecord,
     history: Option<&(TimelineId, Vec<HistoryEntry>)>,
 ) -> Result<()> {
-    let catalog = Catalog::open(&config.catalog)?;
     catalog.bind(&CatalogCluster {
         name: cluster.name.clone(),
         repository: repo.location(),
