@@ -214,8 +214,10 @@ impl BackupRecord {
 }
 
 /// A WAL file archive-push let PostgreSQL recycle without storing it
-/// (`queue-max`): PITR across it is impossible.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (`queue-max`): PITR across it is impossible. The same record is a
+/// catalog row and, as JSON, the repository's `<cluster>/gaps/<name>`, so
+/// that `catalog rebuild` finds the gap again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DroppedWal {
     /// The file name.
     pub name: String,

@@ -369,13 +369,7 @@ fn record_in_catalog(
     // (queue-max) go into it, so that `catalog rebuild` finds the gap too.
     // One indexed query when there are none.
     for g in catalog.gaps_to_record()? {
-        repo.put_gap(&crate::repo::GapRecord {
-            name: g.name.clone(),
-            timeline: g.timeline,
-            segno: g.segno,
-            dropped_at_ms: g.dropped_at_ms,
-            reason: g.reason,
-        })?;
+        repo.put_gap(&g)?;
         catalog.mark_gap_recorded(&g.name)?;
     }
     Ok(())

@@ -102,13 +102,7 @@ pub fn rebuild(config: &Config) -> Result<RebuildReport> {
     catalog.replace_backups(&backups, &histories, started)?;
     catalog.replace_drills(&repo.list_drills()?)?;
     for g in repo.list_gaps()? {
-        catalog.record_dropped(&crate::catalog::DroppedWal {
-            name: g.name.clone(),
-            timeline: g.timeline,
-            segno: g.segno,
-            dropped_at_ms: g.dropped_at_ms,
-            reason: g.reason,
-        })?;
+        catalog.record_dropped(&g)?;
         catalog.mark_gap_recorded(&g.name)?;
     }
     Ok(RebuildReport { wal_files: records.len(), ignored, damaged, backups: backups.len() })

@@ -22,6 +22,7 @@ use walvault_formats::manifest::{Hash, Manifest};
 use walvault_formats::object::{self, Compression, ContentHash, EncodeOptions};
 use walvault_formats::wal::{ClusterIdentity, PgVersion, SystemId, WalFileName, WalSegmentSize};
 
+use crate::catalog::DroppedWal;
 use crate::config::S3Settings;
 use crate::config::validate_cluster_name;
 use crate::error::{Error, Result};
@@ -87,23 +88,6 @@ pub struct DrillRecord {
     pub rto_ms: i64,
     /// What was checked, or what failed.
     pub detail: String,
-}
-
-/// A WAL file archive-push let PostgreSQL recycle without storing it
-/// (`queue-max`), as recorded in the repository (`<cluster>/gaps/<name>`):
-/// the hole in the PITR window, found again by `catalog rebuild`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GapRecord {
-    /// The WAL file name.
-    pub name: String,
-    /// Its timeline.
-    pub timeline: u32,
-    /// Its segment number.
-    pub segno: Option<u64>,
-    /// When it was dropped, ms since the epoch.
-    pub dropped_at_ms: i64,
-    /// Why (the backlog and the error).
-    pub reason: String,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -346,17 +330,17 @@ impl Repository {
     }
 
     /// Records a dropped WAL file; a record already there is kept.
-    pub fn put_gap(&self, g: &GapRecord) -> Result<()> {
+    pub fn put_gap(&self, g: &DroppedWal) -> Result<()> {
         let key = format!("{}/gaps/{}", self.cluster, g.name);
         self.put_meta(&key, g).map(|_| ())
     }
 
     /// Every recorded dropped WAL file, in name order.
-    pub fn list_gaps(&self) -> Result<Vec<GapRecord>> {
+    pub fn list_gaps(&self) -> Result<Vec<DroppedWal>> {
         let prefix = format!("{}/gaps/", self.cluster);
         let listing = self.storage.list(&prefix).map_err(|e| self.storage_err("list", &prefix, e))?;
-        let mut out: Vec<GapRecord> =
-            listing.iter().map(|m| self.get_meta::<GapRecord>(&m.key)).collect::<Result<_>>()?;
+        let mut out: Vec<DroppedWal> =
+            listing.iter().map(|m| self.get_meta::<DroppedWal>(&m.key)).collect::<Result<_>>()?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }

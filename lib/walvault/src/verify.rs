@@ -407,7 +407,7 @@ fn check_bytes(
             Ok(d) => Err(damaged(format!("records drill '{}'", d.id))),
             Err(e) => Err(damaged(format!("not a drill record: {e}"))),
         },
-        Class::Gap(name) => match serde_json::from_slice::<crate::repo::GapRecord>(&plain) {
+        Class::Gap(name) => match serde_json::from_slice::<crate::catalog::DroppedWal>(&plain) {
             Ok(g) if g.name == *name => Ok(Content::Fine),
             Ok(g) => Err(damaged(format!("records dropped file '{}'", g.name))),
             Err(e) => Err(damaged(format!("not a dropped-WAL record: {e}"))),
