@@ -6,7 +6,7 @@
 //! connections" after the end of recovery, and the end state checked.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -82,6 +82,9 @@ struct Prepared {
     expected: String,
     segments: u64,
     port: u16,
+    /// What the restore commands read: the plain directory and both
+    /// repositories, read through before every replay (see [`warm`]).
+    sources: Vec<PathBuf>,
 }
 
 fn libpq_env(ctx: &Ctx, cmd: &mut Command, port: u16) {
@@ -187,6 +190,7 @@ fn prepare(ctx: &Ctx, server: &mut Server<'_>, args: &Args, with_pgbr: bool) -> 
     let mut cmd = ctx.walvault("walvault");
     cmd.arg("--config").arg(&walvault).args(["restore", "--pgdata"]).arg(&template);
     run(cmd).context("walvault restore failed")?;
+    let plain_dir = plain.clone();
     Ok(Prepared {
         template,
         plain,
@@ -196,7 +200,41 @@ fn prepare(ctx: &Ctx, server: &mut Server<'_>, args: &Args, with_pgbr: bool) -> 
         expected,
         segments,
         port: port.checked_add(1).context("no port left for the restored cluster")?,
+        sources: [Some(plain_dir), Some(dir.join("repo")), with_pgbr.then(|| dir.join("pgbr-repo"))]
+            .into_iter()
+            .flatten()
+            .collect(),
     })
+}
+
+/// Reads every file under `dirs` once, so that each replay starts with all
+/// the restore commands' sources in the page cache, as documented. Without
+/// it, the host's proactive reclaim (DAMON `pageout` of pages idle for a
+/// minute, on this machine) evicted some of them between rounds, and
+/// `cp`'s 1.6 GiB of plain segments — read once a round — came from the
+/// disk in some rounds and not in others (4.2-6.7 s against 3.0 s).
+fn warm(dirs: &[PathBuf]) -> Result<u64> {
+    let mut bytes = 0;
+    let mut todo: Vec<PathBuf> = dirs.to_vec();
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(path) = todo.pop() {
+        let meta = fs::symlink_metadata(&path).with_context(|| format!("unable to look at '{}'", path.display()))?;
+        if meta.is_dir() {
+            for e in fs::read_dir(&path).with_context(|| format!("unable to list '{}'", path.display()))? {
+                todo.push(e.with_context(|| format!("unable to list '{}'", path.display()))?.path());
+            }
+        } else if meta.is_file() {
+            let mut f = fs::File::open(&path).with_context(|| format!("unable to open '{}'", path.display()))?;
+            loop {
+                let n = f.read(&mut buf).with_context(|| format!("unable to read '{}'", path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+        }
+    }
+    Ok(bytes)
 }
 
 /// Removes a directory tree, ignoring "not found".
@@ -254,6 +292,7 @@ fn replay(ctx: &Ctx, p: &Prepared, fetcher: Fetcher, args: &Args) -> Result<(f64
         })
         .with_context(|| format!("unable to write '{}'", auto.display()))?;
     sync_all()?;
+    warm(&p.sources)?;
 
     let log = ctx.path("rec/run.log");
     let _ = fs::remove_file(&log);
@@ -310,6 +349,17 @@ pub fn measure(ctx: &Ctx, server: &mut Server<'_>, args: &Args, with_pgbr: bool,
     }
     let mut rows: Vec<RecoveryRow> =
         kinds.iter().map(|k| RecoveryRow { label: k.label(args), kind: *k, ..RecoveryRow::default() }).collect();
+    // The first replay after the preparation ran 1.5-2.3× slower than the
+    // same replay later (the virtual disk still absorbing the preparation's
+    // gigabytes of writes, whatever `sync` says): one replay with `cp`
+    // first, checked like the others and not recorded.
+    eprintln!("walvault-bench-speed: recovery, settling replay (not recorded): {}", Fetcher::Cp.label(args));
+    match replay(ctx, &p, Fetcher::Cp, args) {
+        Ok((ready, _, _)) => {
+            report.samples.push(format!("recovery-settling,\"{}\",-1,{ready:.3}\n", Fetcher::Cp.label(args)))
+        }
+        Err(e) => report.problems.push(format!("recovery, settling replay with {}: {e:#}", Fetcher::Cp.label(args))),
+    }
     for round in 0..args.recovery_rounds {
         for k in 0..kinds.len() {
             let i = (round + k) % kinds.len();
