@@ -163,9 +163,9 @@ fn expire_racing_archive_push_and_killed_half_way_loses_nothing() {
         backup.join().expect("backup thread").expect_success("the backup that held the lock");
     });
 
-    // A restore and a drill share the lock too: while an expire holds it
-    // (here this test, exclusively, as expire does), both wait before
-    // reading anything, and go on once it is released.
+    // A restore, a drill and a verify share the lock too: while an expire
+    // holds it (here this test, exclusively, as expire does), they wait
+    // before reading anything, and go on once it is released.
     let lock =
         std::fs::OpenOptions::new().read(true).write(true).open(repo.join("main").join("lock")).expect("lock file");
     lock.lock().expect("take the repository lock exclusively, as expire does");
@@ -175,15 +175,21 @@ fn expire_racing_archive_push_and_killed_half_way_loses_nothing() {
     thread::scope(|s| {
         let restore = s.spawn(|| wv.restore(&restored, &[]));
         let drill = s.spawn(|| wv.walvault(&["drill", "--dir", &drill_dir]));
+        let verify = s.spawn(|| wv.walvault(&["verify"]));
         thread::sleep(Duration::from_secs(3));
-        assert!(!restore.is_finished() && !drill.is_finished(), "restore and drill wait for the lock");
+        // Look, then release the lock before asserting: a failed assertion
+        // must not leave the others waiting an hour for it.
+        let finished = [restore.is_finished(), drill.is_finished(), verify.is_finished()];
         let written = std::fs::read_dir(&restored).map_or(0, |d| d.count());
-        assert_eq!(written, 0, "the restore wrote nothing while expire held the lock");
         let drilled = std::fs::read_dir(&drills).map_or(0, |d| d.count());
-        assert_eq!(drilled, 0, "the drill made no directory while expire held the lock");
         lock.unlock().expect("release the lock");
+        assert_eq!(finished, [false; 3], "restore, drill and verify wait for the lock (finished: true)");
+        assert_eq!(written, 0, "the restore wrote nothing while expire held the lock");
+        assert_eq!(drilled, 0, "the drill made no directory while expire held the lock");
         restore.join().expect("restore thread").expect_success("restore once the lock is free");
         drill.join().expect("drill thread").expect_success("drill once the lock is free");
+        let verified = verify.join().expect("verify thread").expect_success("verify once the lock is free");
+        assert!(!verified.to_string().contains("repository lock"), "{verified}");
     });
     assert!(restored.join("PG_VERSION").is_file(), "the restore completed");
 

@@ -113,6 +113,9 @@ pub enum FindingKind {
     Stray,
     /// A part of the verification that could not be done.
     Skipped,
+    /// About the repository lock: verify ran without it (this host cannot
+    /// write it), or removed the record of a holder that no longer runs.
+    Lock,
 }
 
 /// One problem or note: `<what> '<subject>': <detail>`.
@@ -220,14 +223,25 @@ impl fmt::Display for VerifyReport {
 
 /// Verifies the cluster the configuration names; see the module docs.
 ///
+/// Holds the repository lock shared, as restore does (waiting up to
+/// [`crate::lock::READER_WAIT`] for an expire): an expire deleting
+/// backups and objects meanwhile would otherwise show up as objects
+/// missing from manifests read a moment before — false alarms.
+///
 /// # Errors
 /// Only what prevents verifying at all: the repository or its cluster
-/// identity cannot be read, the listing fails, or `--backup` names no
-/// backup. Everything found wrong is in the report.
+/// identity cannot be read, the listing fails, `--backup` names no backup,
+/// or an expire still holds the lock after the wait. Everything found
+/// wrong is in the report.
 pub fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyReport> {
     let started = Instant::now();
+    let mut lock_notes = Vec::new();
+    let _lock = crate::lock::shared_for_reading(config, "verify", &mut lock_notes)?;
     let repo = Repository::open_config(config)?;
     let mut report = verify_repository(&repo, config.grace_secs, opts, now_ms())?;
+    report
+        .notes
+        .extend(lock_notes.into_iter().map(|n| Finding::new(FindingKind::Lock, "repository lock", repo.location(), n)));
     report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(report)
 }
