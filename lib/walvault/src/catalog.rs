@@ -658,6 +658,21 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
+    /// Forgets the records of dropped files `names` (expire, once no
+    /// remaining backup's recovery crosses them).
+    pub fn forget_gaps(&mut self, names: &[String]) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        {
+            let mut stmt = tx.prepare("DELETE FROM wal_gap WHERE name = ?1").map_err(fail)?;
+            for n in names {
+                stmt.execute([n]).map_err(fail)?;
+            }
+        }
+        tx.commit().map_err(fail)
+    }
+
     /// The dropped WAL files that the archive still lacks (one archived
     /// since, by `walvault repo sync` say, is no gap), in name order.
     pub fn dropped(&self) -> Result<Vec<DroppedWal>> {

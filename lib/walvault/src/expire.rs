@@ -99,6 +99,10 @@ pub struct ExpireReport {
     pub wal_bytes_deleted: u64,
     /// The WAL files deleted, as ranges with their reason.
     pub wal_deleted: Vec<WalRange>,
+    /// Records of dropped WAL files (`queue-max`) deleted because every
+    /// remaining backup started after the drop: no recovery crosses them
+    /// any more, and `info` and `check` stop reporting them.
+    pub gap_records_deleted: Vec<String>,
     /// What the operator should know.
     pub notes: Vec<String>,
 }
@@ -144,6 +148,15 @@ impl fmt::Display for ExpireReport {
         }
         if self.wal_deleted.len() > SHOWN {
             writeln!(f, "  and {} more ranges", self.wal_deleted.len() - SHOWN)?;
+        }
+        if !self.gap_records_deleted.is_empty() {
+            writeln!(
+                f,
+                "dropped-WAL records: {} {did}, older than every remaining backup (PITR from them never crosses \
+                 the gap): {}",
+                self.gap_records_deleted.len(),
+                crate::info::name_runs(&self.gap_records_deleted).join(", ")
+            )?;
         }
         for n in &self.notes {
             writeln!(f, "note: {n}")?;
@@ -295,6 +308,7 @@ fn run(config: &Config, opts: &ExpireOptions, mut budget: Budget) -> Result<Expi
         wal_files_deleted: 0,
         wal_bytes_deleted: 0,
         wal_deleted: vec![],
+        gap_records_deleted: vec![],
         notes: vec![],
     };
     if opts.policy.is_empty() {
@@ -395,6 +409,31 @@ fn run(config: &Config, opts: &ExpireOptions, mut budget: Budget) -> Result<Expi
         report.wal_bytes_deleted += batch.iter().filter_map(|d| sizes.get(&d.name)).sum::<u64>();
     }
     report.wal_deleted = wal_ranges(wal);
+
+    // 4. Records of dropped WAL (queue-max) older than every remaining
+    // backup: a backup that started after a drop starts past it (as `info`
+    // judges), so no recovery from any of them crosses the gap.
+    if !marked_meanwhile {
+        let started: HashMap<String, i64> = catalog.backups()?.into_iter().map(|b| (b.id, b.start_time_ms)).collect();
+        let oldest = remaining.iter().filter_map(|id| started.get(id)).min().copied();
+        let obsolete: Vec<String> = match oldest {
+            Some(oldest) => {
+                repo.list_gaps()?.into_iter().filter(|g| g.dropped_at_ms < oldest).map(|g| g.name).collect()
+            }
+            None => vec![],
+        };
+        if !opts.dry_run && !obsolete.is_empty() {
+            for name in &obsolete {
+                let key = repo.gap_key(name);
+                budget.spend()?;
+                repo.storage().delete(&key).map_err(|e| storage_err(&repo, "delete", &key, e))?;
+            }
+            if let Err(e) = catalog.forget_gaps(&obsolete) {
+                catalog_errors.push(e.to_string());
+            }
+        }
+        report.gap_records_deleted = obsolete;
+    }
     if let Some(e) = catalog_errors.first() {
         report.notes.push(format!(
             "the catalog was not fully updated ({e}): 'walvault catalog rebuild' (or the next expire) fixes it"
@@ -684,6 +723,52 @@ mod tests {
         let again = expire(&t.config, &t.opts(2)).unwrap();
         assert!(again.deleted_backups.is_empty());
         assert_eq!((again.data_objects_deleted, again.wal_files_deleted, again.data_objects_in_grace), (0, 0, 1));
+    }
+
+    #[test]
+    fn records_of_dropped_wal_go_once_every_remaining_backup_started_after_the_drop() {
+        let t = T::new("gaps");
+        scenario(&t);
+        // Only the drop time decides (a backup started after a drop starts
+        // past it): one drop between A's and B's start, one between C's
+        // and D's. Segments 20 and 21 are not archived, as dropped ones.
+        let gap = |segno: u64, age_ms: i64| crate::catalog::DroppedWal {
+            name: t.segment(segno),
+            timeline: 1,
+            segno: Some(segno),
+            dropped_at_ms: t.now_ms - age_ms,
+            reason: "repository unreachable".into(),
+        };
+        t.repo.put_gap(&gap(20, 3 * DAY_MS + DAY_MS / 2)).unwrap();
+        t.repo.put_gap(&gap(21, DAY_MS + DAY_MS / 2)).unwrap();
+        let dropped = |t: &T| -> Vec<String> {
+            let catalog = Catalog::open_existing(&t.config.catalog).unwrap();
+            crate::info::dropped_wal(&catalog).unwrap().into_iter().map(|d| d.name).collect()
+        };
+
+        // keep-last 2 keeps C and D: C started after the first drop, not
+        // after the second, whose record PITR from C still needs.
+        let dry = expire(&t.config, &ExpireOptions { dry_run: true, ..t.opts(2) }).unwrap();
+        assert_eq!(dry.gap_records_deleted, [t.segment(20)]);
+        assert_eq!(t.repo.list_gaps().unwrap().len(), 2, "a dry run deletes no record");
+        let text = dry.to_string();
+        assert!(text.contains(&format!("dropped-WAL records: 1 would be deleted, older than every remaining backup (PITR from them never crosses the gap): '{}'", t.segment(20))), "{text}");
+
+        let report = expire(&t.config, &t.opts(2)).unwrap();
+        assert_eq!(report.gap_records_deleted, [t.segment(20)]);
+        let left: Vec<String> = t.repo.list_gaps().unwrap().into_iter().map(|g| g.name).collect();
+        assert_eq!(left, [t.segment(21)]);
+        assert_eq!(dropped(&t), [t.segment(21)], "the catalog followed");
+        assert_eq!(serde_json::to_value(&report).unwrap()["gap_records_deleted"][0], t.segment(20));
+
+        // Once D alone remains, the second record goes too, and a rebuilt
+        // catalog knows of neither.
+        let report = expire(&t.config, &t.opts(1)).unwrap();
+        assert_eq!(report.gap_records_deleted, [t.segment(21)]);
+        assert!(t.repo.list_gaps().unwrap().is_empty());
+        crate::rebuild::rebuild(&t.config).unwrap();
+        assert!(dropped(&t).is_empty());
+        t.assert_consistent();
     }
 
     #[test]

@@ -129,16 +129,22 @@ pub fn dropped_wal(catalog: &Catalog) -> Result<Vec<DroppedWalReport>> {
 /// Consecutive names of `dropped` as `first .. last (n)` runs, for
 /// messages: a long outage drops hundreds.
 pub fn dropped_runs(dropped: &[DroppedWalReport]) -> Vec<String> {
+    name_runs(&dropped.iter().map(|d| d.name.clone()).collect::<Vec<_>>())
+}
+
+/// Consecutive WAL file names (in order) as `'first' .. 'last' (n files)`
+/// runs, single ones as `'name'`.
+pub fn name_runs(names: &[String]) -> Vec<String> {
     let mut runs: Vec<(String, String, u64, u64)> = Vec::new();
-    for d in dropped {
-        let n = u64::from_str_radix(d.name.get(8..24).unwrap_or(""), 16).ok();
+    for name in names {
+        let n = u64::from_str_radix(name.get(8..24).unwrap_or(""), 16).ok();
         match (runs.last_mut(), n) {
-            (Some(run), Some(n)) if run.1.get(..8) == d.name.get(..8) && run.3.checked_add(1) == Some(n) => {
-                run.1 = d.name.clone();
+            (Some(run), Some(n)) if run.1.get(..8) == name.get(..8) && run.3.checked_add(1) == Some(n) => {
+                run.1 = name.clone();
                 run.2 += 1;
                 run.3 = n;
             }
-            _ => runs.push((d.name.clone(), d.name.clone(), 1, n.unwrap_or(u64::MAX - 1))),
+            _ => runs.push((name.clone(), name.clone(), 1, n.unwrap_or(u64::MAX - 1))),
         }
     }
     runs.into_iter()

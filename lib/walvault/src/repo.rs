@@ -331,8 +331,12 @@ impl Repository {
 
     /// Records a dropped WAL file; a record already there is kept.
     pub fn put_gap(&self, g: &DroppedWal) -> Result<()> {
-        let key = format!("{}/gaps/{}", self.cluster, g.name);
-        self.put_meta(&key, g).map(|_| ())
+        self.put_meta(&self.gap_key(&g.name), g).map(|_| ())
+    }
+
+    /// The key of dropped WAL file `name`'s record.
+    pub fn gap_key(&self, name: &str) -> String {
+        format!("{}/gaps/{name}", self.cluster)
     }
 
     /// Every recorded dropped WAL file, in name order.
