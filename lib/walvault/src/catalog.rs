@@ -543,11 +543,17 @@ impl Catalog {
 
     /// Removes WAL records by name (after expire deleted the files).
     pub fn forget_wal(&mut self, names: &[String]) -> Result<()> {
+        self.delete_names("DELETE FROM wal_file WHERE name = ?1", names)
+    }
+
+    /// Runs `delete` (one `?1` parameter) for each of `names`, in one
+    /// transaction.
+    fn delete_names(&mut self, delete: &str, names: &[String]) -> Result<()> {
         let path = self.path.clone();
         let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
         {
-            let mut stmt = tx.prepare("DELETE FROM wal_file WHERE name = ?1").map_err(fail)?;
+            let mut stmt = tx.prepare(delete).map_err(fail)?;
             for n in names {
                 stmt.execute([n]).map_err(fail)?;
             }
@@ -661,16 +667,7 @@ impl Catalog {
     /// Forgets the records of dropped files `names` (expire, once no
     /// remaining backup's recovery crosses them).
     pub fn forget_gaps(&mut self, names: &[String]) -> Result<()> {
-        let path = self.path.clone();
-        let fail = |e: rusqlite::Error| Error::Catalog { path: path.clone(), detail: e.to_string() };
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
-        {
-            let mut stmt = tx.prepare("DELETE FROM wal_gap WHERE name = ?1").map_err(fail)?;
-            for n in names {
-                stmt.execute([n]).map_err(fail)?;
-            }
-        }
-        tx.commit().map_err(fail)
+        self.delete_names("DELETE FROM wal_gap WHERE name = ?1", names)
     }
 
     /// The dropped WAL files that the archive still lacks (one archived
