@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use walvault_integration::s3::MotoServer;
 use walvault_integration::{
@@ -138,14 +138,24 @@ fn async_push_under_pgbench_with_the_worker_killed_loses_nothing() {
             }
         })
     };
+    // At least 25 s of load, in 5 s rounds each ending with a segment
+    // switch, and more rounds until the worker has been killed six times:
+    // a worker runs only while there is WAL to archive, and a slow disk
+    // completes few segments (CI once saw four kills in 25 s).
+    let load = Instant::now();
     pg.pgbench(&["-i", "-s", "5", "-q"]);
-    pg.pgbench(&["-c", "2", "-j", "2", "-T", "25", "-n"]);
+    while load.elapsed() < Duration::from_secs(25)
+        || (kills.load(Ordering::Relaxed) < 6 && load.elapsed() < Duration::from_secs(150))
+    {
+        pg.pgbench(&["-c", "2", "-j", "2", "-T", "5", "-n"]);
+        pg.switch_wal();
+    }
     stop.store(true, Ordering::Relaxed);
     killer.join().expect("the killer thread");
     let last = pg.switch_wal();
     let stats = pg.wait_archived(&last, TIMEOUT);
     let kills = kills.load(Ordering::Relaxed);
-    assert!(kills >= 5, "the worker should have been killed repeatedly, killed {kills} times");
+    assert!(kills >= 6, "the worker should have been killed repeatedly, killed {kills} times in {:?}", load.elapsed());
     assert_eq!(
         stats.failed_count,
         0,
