@@ -207,10 +207,13 @@ fn the_object_lock_keeps_expire_and_backups_apart_on_s3() {
         refreshed_ms: old,
         token: "ghost".into(),
     };
-    s3.put_new("main/locks/exclusive", &serde_json::to_vec(&ghost).unwrap()).unwrap();
+    s3.put_new("main/locks/exclusive-gone-host-4242-ghost", &serde_json::to_vec(&ghost).unwrap()).unwrap();
     let out = wv.walvault(&["expire", "--keep-last", "1"]).expect_success("expire past a stale lock");
     assert!(
-        out.stdout.contains("removed stale lock object 'main/locks/exclusive' of expire (pid 4242 on host gone-host"),
+        out.stdout.contains(
+            "removed stale lock object 'main/locks/exclusive-gone-host-4242-ghost' of expire (pid 4242 on host \
+             gone-host"
+        ),
         "{out}"
     );
     assert!(out.stdout.contains("not refreshed for 120 min (stale after 30 min)"), "{out}");

@@ -18,31 +18,34 @@
 //!   record left by a killed process is ignored once its pid is known to be
 //!   dead on this host, and removed by the next holder that can tell.
 //! - **Object stores** (`s3://`), which have no lock: lock *objects* under
-//!   `<cluster>/locks/`, built on [`crate::storage::Storage::put_new`] being an atomic
-//!   create (If-None-Match on S3). The exclusive holder creates
-//!   `locks/exclusive`; each shared holder creates its own
-//!   `locks/shared-<host>-<pid>-<token>`. Each side writes its own object
-//!   *first* and only then looks for the other kind (the exclusive side
-//!   lists `locks/shared-`, a shared side reads `locks/exclusive`); on a
-//!   conflict it deletes its object again and waits or fails, naming the
-//!   holder. S3 is strongly read-after-write consistent, so of two racing
-//!   sides at least one sees the other: both may back off, never both go
-//!   on. A holder refreshes its object every [`Lease::refresh`] from a
-//!   background thread; an object not refreshed for [`Lease::stale`] is
-//!   stale (its holder died without cleaning up, or lost the store): it is
-//!   reported in [`RepoLock::notes`] and removed. A dropped guard deletes
-//!   its object. The same code runs on a local directory (its `put_new` is
-//!   an atomic create too); the unit tests exercise it there.
+//!   `<cluster>/locks/`, one per holder, each under a key no other holder
+//!   uses: `locks/exclusive-<host>-<pid>-<token>` for expire,
+//!   `locks/shared-<host>-<pid>-<token>` for the others. A side writes its
+//!   own object *first* and only then lists `locks/`: an exclusive side
+//!   backs off from any other live object, a shared side from a live
+//!   exclusive one. Backing off deletes its object again, then waits or
+//!   fails, naming the holder. S3 lists strongly consistently after a
+//!   write, so of two racing sides at least one sees the other: both may
+//!   back off (a jittered retry separates them), never both go on. A holder
+//!   refreshes its object every [`Lease::refresh`] from a background
+//!   thread; an object not refreshed for [`Lease::stale`] is stale (its
+//!   holder died without cleaning up, or lost the store): it is reported in
+//!   [`RepoLock::notes`] and removed. A dropped guard deletes its object.
+//!   The same code runs on a local directory; the unit tests exercise it
+//!   there.
+//!
+//! Because no two holders share a key, nothing here depends on the store
+//! refusing a second create of a key (`If-None-Match`): the lock holds on a
+//! store that ignores it. And deleting an object, whether one's own or a
+//! stale one, can only ever delete the object meant: two commands that
+//! both find the same stale object both delete that object, never the
+//! fresh one the faster of them wrote next (which a single shared
+//! `locks/exclusive` key, used by earlier versions, allowed; such an object
+//! is still honoured as an exclusive holder).
 //!
 //! Local repositories keep `flock` because it is strictly better where it
 //! exists: a killed holder frees the lock at once instead of after a lease,
 //! and there is no clock to trust.
-//!
-//! The object lock is only as safe as the conditional create: a store that
-//! ignores `If-None-Match` lets two exclusive holders overwrite each other.
-//! An exclusive holder therefore checks, once its object is written, that
-//! a second conditional create of the same key is refused, and fails with
-//! [`LockError::UnsafeStore`] when it is not.
 //!
 //! Waiting: [`RepoLock::acquire`] takes a timeout. `walvault expire` waits
 //! none by default (it fails at once, naming the holder; `--wait SECS`
@@ -91,7 +94,7 @@ pub const READER_WAIT: Duration = BACKUP_WAIT;
 /// Takes the shared lock for `command`, a reader of backups and WAL
 /// (restore, drill), waiting up to [`READER_WAIT`] for an expire. When this
 /// host cannot write the lock at all (permission refused, read-only file
-/// system, a store that ignores create-only writes), returns `None` and
+/// system), returns `None` and
 /// pushes a warning: refusing would make a read-only repository
 /// unrestorable. The lock's own notes (stale holders removed) are pushed
 /// too.
@@ -139,7 +142,6 @@ fn cannot_write_lock(e: &LockError) -> bool {
     match e {
         LockError::Io { source, .. } => refused(source.kind()),
         LockError::Storage { source: StorageError::Io { source, .. }, .. } => refused(source.kind()),
-        LockError::UnsafeStore { .. } => true,
         _ => false,
     }
 }
@@ -262,21 +264,6 @@ pub enum LockError {
         /// The dead holders.
         holders: Vec<Holder>,
     },
-    /// The object store accepted a second conditional create of the same
-    /// key: it ignores `If-None-Match`, so an object lock cannot keep two
-    /// commands apart.
-    #[error(
-        "repository '{repo}' cannot be locked: its store overwrote the existing lock object '{key}' on a \
-         create-only write (it ignores If-None-Match), so '{command}' could run beside another command"
-    )]
-    UnsafeStore {
-        /// The repository.
-        repo: String,
-        /// The lock object.
-        key: String,
-        /// The command that asked.
-        command: String,
-    },
     /// A lock object cannot be written, read, listed or deleted.
     #[error("unable to {op} lock object '{key}' in repository '{repo}': {source}")]
     Storage {
@@ -330,10 +317,6 @@ impl LockError {
                  repository on any host, delete '{0}' and run the command again",
                 path.display()
             ),
-            LockError::UnsafeStore { .. } => "this store does not honour conditional writes (If-None-Match: *): \
-                                              use a store that does (AWS S3, MinIO, Ceph RGW, recent Garage), or \
-                                              run expire only when no backup can run"
-                .into(),
             LockError::Storage { source, .. } => match source.io_kind() {
                 Some(io::ErrorKind::PermissionDenied) => {
                     "every command that takes the lock must be allowed to put, get, list and delete objects under \
@@ -359,7 +342,7 @@ impl LockError {
     pub fn is_transient(&self) -> bool {
         match self {
             LockError::Busy { .. } => true,
-            LockError::PossiblyStale { .. } | LockError::UnsafeStore { .. } => false,
+            LockError::PossiblyStale { .. } => false,
             LockError::Storage { source, .. } => source.is_transient(),
             LockError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
         }
@@ -428,8 +411,7 @@ impl<'r> RepoLock<'r> {
     /// [`LockError::Busy`] naming the holders when it is still held after
     /// `wait`; [`LockError::PossiblyStale`] when every recorded holder is
     /// dead yet the lock is held; [`LockError::Io`] when the lock file
-    /// cannot be opened; on object stores [`LockError::Storage`] and
-    /// [`LockError::UnsafeStore`].
+    /// cannot be opened; on object stores [`LockError::Storage`].
     pub fn acquire(repo: &'r Repository, mode: LockMode, command: &str, wait: Duration) -> Result<Self, LockError> {
         if repo.is_object_store() {
             let held = take_objects(repo, mode, command, wait, Lease::DEFAULT)?;
@@ -510,14 +492,14 @@ impl RepoLock<'static> {
     }
 
     /// Takes the object lock (see the module documentation) on any
-    /// repository whose storage creates atomically, with `lease`, and keeps
-    /// it refreshed until the guard is dropped. [`RepoLock::acquire_config`]
-    /// uses it for `s3://` repositories; tests use it directly.
+    /// repository whose storage lists consistently after a write, with
+    /// `lease`, and keeps it refreshed until the guard is dropped.
+    /// [`RepoLock::acquire_config`] uses it for `s3://` repositories; tests
+    /// use it directly.
     ///
     /// # Errors
     /// [`LockError::Busy`] naming the holders when the lock is still held
-    /// after `wait`; [`LockError::UnsafeStore`] when the store ignores
-    /// create-only writes; [`LockError::Storage`] when the store fails.
+    /// after `wait`; [`LockError::Storage`] when the store fails.
     pub fn acquire_objects(
         repo: Arc<Repository>,
         mode: LockMode,
@@ -565,9 +547,22 @@ pub fn locks_prefix(repo: &Repository) -> String {
     format!("{}/{LOCKS_DIR}/", repo.cluster())
 }
 
-/// The key of the exclusive lock object.
-pub fn exclusive_key(repo: &Repository) -> String {
+/// The one exclusive lock object of earlier versions, still honoured as an
+/// exclusive holder: every exclusive holder now has a key of its own.
+pub fn legacy_exclusive_key(repo: &Repository) -> String {
     format!("{}exclusive", locks_prefix(repo))
+}
+
+/// The kind of holder a lock object's key names: `Some(true)` exclusive,
+/// `Some(false)` shared, `None` for a key that is neither (ignored).
+fn key_kind(name: &str) -> Option<bool> {
+    if name == "exclusive" || name.starts_with("exclusive-") {
+        Some(true)
+    } else if name.starts_with("shared-") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Key characters only: a host name may hold anything.
@@ -624,7 +619,7 @@ fn read_holder(repo: &Repository, key: &str) -> Result<Option<Holder>, LockError
     let Some(meta) = repo.storage().head(key).map_err(storage_err(repo, "read", key))? else { return Ok(None) };
     Ok(Some(Holder {
         command: format!("an unreadable lock object '{key}'"),
-        exclusive: key.ends_with("/exclusive"),
+        exclusive: key.rsplit('/').next().and_then(key_kind) == Some(true),
         pid: 0,
         host: "unknown".into(),
         since_ms: meta.modified_ms,
@@ -671,17 +666,6 @@ fn take_objects(
     wait: Duration,
     lease: Lease,
 ) -> Result<ObjectHeld, LockError> {
-    // The store's recorded probe (crate::probe, run by init and check) may
-    // already know that it ignores If-None-Match; the check in
-    // try_exclusive catches it otherwise, unless put_new itself looks
-    // before it writes. An unreadable record is no verdict.
-    if mode == LockMode::Exclusive && matches!(crate::probe::recorded(repo), Ok(Some((false, _)))) {
-        return Err(LockError::UnsafeStore {
-            repo: repo.location(),
-            key: exclusive_key(repo),
-            command: command.to_string(),
-        });
-    }
     let started = Instant::now();
     let mut notes = Vec::new();
     loop {
@@ -695,17 +679,12 @@ fn take_objects(
             refreshed_ms: now,
             token: token(),
         };
-        let key = match mode {
-            LockMode::Exclusive => exclusive_key(repo),
-            LockMode::Shared => {
-                format!("{}shared-{}-{}-{}", locks_prefix(repo), key_safe(&holder.host), holder.pid, holder.token)
-            }
+        let kind = match mode {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Shared => "shared",
         };
-        let tried = match mode {
-            LockMode::Exclusive => try_exclusive(repo, &key, &holder, lease, &mut notes)?,
-            LockMode::Shared => try_shared(repo, &key, &holder, lease, &mut notes)?,
-        };
-        let holders = match tried {
+        let key = format!("{}{kind}-{}-{}-{}", locks_prefix(repo), key_safe(&holder.host), holder.pid, holder.token);
+        let holders = match try_objects(repo, &key, &holder, lease, &mut notes)? {
             Try::Taken => return Ok(ObjectHeld { key, holder, notes }),
             Try::Conflict(h) => h,
         };
@@ -726,76 +705,11 @@ fn take_objects(
     }
 }
 
-/// The exclusive side: create `locks/exclusive`, then look for shared
-/// holders.
-fn try_exclusive(
-    repo: &Repository,
-    key: &str,
-    holder: &Holder,
-    lease: Lease,
-    notes: &mut Vec<String>,
-) -> Result<Try, LockError> {
-    let body = serde_json::to_vec(holder).map_err(|e| {
-        storage_err(repo, "create", key)(StorageError::Io { key: key.to_string(), source: io::Error::other(e) })
-    })?;
-    match repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
-        PutOutcome::Created(_) => {}
-        PutOutcome::Exists => {
-            return match read_holder(repo, key)? {
-                Some(h) if stale(&h, lease, now_ms()) => {
-                    break_stale(repo, key, &h, lease, notes)?;
-                    try_exclusive(repo, key, holder, lease, notes)
-                }
-                Some(h) => Ok(Try::Conflict(vec![h])),
-                // Released meanwhile.
-                None => try_exclusive(repo, key, holder, lease, notes),
-            };
-        }
-    }
-    // A store that ignores If-None-Match "creates" the same key twice. The
-    // same bytes again: if it does overwrite, nothing changes.
-    if let PutOutcome::Created(_) = repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
-        let _ = repo.storage().delete(key);
-        return Err(LockError::UnsafeStore {
-            repo: repo.location(),
-            key: key.to_string(),
-            command: holder.command.clone(),
-        });
-    }
-    let prefix = locks_prefix(repo);
-    let listing = match repo.storage().list(&prefix) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = repo.storage().delete(key);
-            return Err(storage_err(repo, "list", &prefix)(e));
-        }
-    };
-    let mut live = Vec::new();
-    for m in listing.iter().filter(|m| m.key[prefix.len()..].starts_with("shared-")) {
-        let read = read_holder(repo, &m.key).and_then(|h| match h {
-            Some(h) if stale(&h, lease, now_ms()) => break_stale(repo, &m.key, &h, lease, notes).map(|()| None),
-            other => Ok(other),
-        });
-        match read {
-            Ok(Some(h)) => live.push(h),
-            Ok(None) => {}
-            Err(e) => {
-                let _ = repo.storage().delete(key);
-                return Err(e);
-            }
-        }
-    }
-    if live.is_empty() {
-        return Ok(Try::Taken);
-    }
-    repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
-    live.sort_by_key(|h| (h.since_ms, h.pid));
-    Ok(Try::Conflict(live))
-}
-
-/// A shared side: create its own `locks/shared-…`, then look for the
-/// exclusive holder.
-fn try_shared(
+/// One try: write `holder`'s own object under `key`, then list the lock
+/// objects and back off from every live one in the way (any other for an
+/// exclusive holder, an exclusive one for a shared holder), removing stale
+/// ones on the way.
+fn try_objects(
     repo: &Repository,
     key: &str,
     holder: &Holder,
@@ -806,33 +720,42 @@ fn try_shared(
         storage_err(repo, "create", key)(StorageError::Io { key: key.to_string(), source: io::Error::other(e) })
     })?;
     // The key carries a fresh token: `Exists` would be another holder's
-    // object, which only a store ignoring tokens' uniqueness could produce;
-    // it is still not ours to keep.
+    // object, which only a store reusing tokens could produce; it is still
+    // not ours to keep, nor to delete.
     if let PutOutcome::Exists = repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
         return Ok(Try::Conflict(Vec::new()));
     }
-    let ex = exclusive_key(repo);
-    let found = match read_holder(repo, &ex) {
-        Ok(f) => f,
+    let in_the_way = |repo: &Repository, notes: &mut Vec<String>| -> Result<Vec<Holder>, LockError> {
+        let prefix = locks_prefix(repo);
+        let listing = repo.storage().list(&prefix).map_err(storage_err(repo, "list", &prefix))?;
+        let mut live = Vec::new();
+        for m in listing.iter().filter(|m| m.key != key) {
+            match key_kind(&m.key[prefix.len()..]) {
+                Some(exclusive) if exclusive || holder.exclusive => {}
+                _ => continue,
+            }
+            match read_holder(repo, &m.key)? {
+                Some(h) if stale(&h, lease, now_ms()) => break_stale(repo, &m.key, &h, lease, notes)?,
+                Some(h) => live.push(h),
+                // Released meanwhile.
+                None => {}
+            }
+        }
+        Ok(live)
+    };
+    let mut live = match in_the_way(repo, notes) {
+        Ok(live) => live,
         Err(e) => {
             let _ = repo.storage().delete(key);
             return Err(e);
         }
     };
-    match found {
-        None => Ok(Try::Taken),
-        Some(h) if stale(&h, lease, now_ms()) => match break_stale(repo, &ex, &h, lease, notes) {
-            Ok(()) => Ok(Try::Taken),
-            Err(e) => {
-                let _ = repo.storage().delete(key);
-                Err(e)
-            }
-        },
-        Some(h) => {
-            repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
-            Ok(Try::Conflict(vec![h]))
-        }
+    if live.is_empty() {
+        return Ok(Try::Taken);
     }
+    repo.storage().delete(key).map_err(storage_err(repo, "delete", key))?;
+    live.sort_by_key(|h| (h.since_ms, h.pid));
+    Ok(Try::Conflict(live))
 }
 
 /// Rewrites the lock object every `every` with a new `refreshed_ms`, until
@@ -1155,16 +1078,17 @@ mod tests {
         assert!(msg.starts_with(&format!("repository '{}' is locked by backup", repo.location())), "{msg}");
         assert!(e.is_transient() && e.hint().unwrap().contains("--wait"));
         // The refused exclusive side removed its object again.
-        assert!(!lock_keys(&repo).contains(&exclusive_key(&repo)));
+        assert!(lock_keys(&repo).iter().all(|k| k.starts_with("main/locks/shared-")), "{:?}", lock_keys(&repo));
         drop((a, b));
         assert!(lock_keys(&repo).is_empty(), "a dropped guard deletes its object");
         let x = take(LockMode::Exclusive, "expire").unwrap();
-        assert_eq!(x.path(), Path::new("main/locks/exclusive"));
+        let x_key = x.path().to_str().unwrap().to_string();
+        assert!(x_key.starts_with(&format!("main/locks/exclusive-{}-{}-", host_name(), std::process::id())), "{x_key}");
         let e = take(LockMode::Shared, "backup").unwrap_err().to_string();
         assert!(e.contains(&format!("locked by expire (pid {}", std::process::id())), "{e}");
         let e = take(LockMode::Exclusive, "expire").unwrap_err().to_string();
         assert!(e.contains("locked by expire (pid"), "{e}");
-        assert_eq!(lock_keys(&repo), ["main/locks/exclusive"]);
+        assert_eq!(lock_keys(&repo), [x_key]);
         drop(x);
         assert!(lock_keys(&repo).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -1218,7 +1142,8 @@ mod tests {
             refreshed_ms: old,
             token: "t".into(),
         };
-        let ex = exclusive_key(&repo);
+        // The single exclusive object of earlier versions is honoured.
+        let ex = legacy_exclusive_key(&repo);
         repo.storage().put_new(&ex, &serde_json::to_vec(&ghost(true, "elsewhere", 7)).unwrap()).unwrap();
         // A backup breaks a stale exclusive object, and says so.
         let b =
@@ -1241,7 +1166,7 @@ mod tests {
             RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK).unwrap();
         assert_eq!(x.notes().len(), 2, "{:?}", x.notes());
         assert!(x.notes().iter().any(|n| n.contains("shared-here-1-y") && n.ends_with("its process no longer runs")));
-        assert_eq!(lock_keys(&repo), std::slice::from_ref(&ex));
+        assert_eq!(lock_keys(&repo), [x.path().to_str().unwrap()]);
         drop(x);
         // A live holder elsewhere, refreshed recently, is not stale.
         let live = Holder { since_ms: now_ms(), refreshed_ms: now_ms(), ..ghost(false, "elsewhere", 9) };
@@ -1285,31 +1210,91 @@ mod tests {
         }
     }
 
+    /// The lock never relies on a conditional create: on a store that
+    /// ignores it, holders are kept apart all the same.
     #[test]
-    fn a_store_ignoring_create_only_writes_is_refused_for_the_exclusive_lock() {
+    fn a_store_ignoring_create_only_writes_still_keeps_holders_apart() {
         let (dir, _) = repo("objunsafe");
         let fs = crate::storage::fs::FsStorage::new(dir.join("repo").to_str().unwrap());
         let repo = Arc::new(Repository::with_storage(Box::new(Overwriting(fs)), "main").unwrap());
-        let e = RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK)
-            .unwrap_err();
-        assert!(matches!(e, LockError::UnsafeStore { .. }), "{e}");
-        assert!(e.to_string().contains("ignores If-None-Match"), "{e}");
-        assert!(!e.is_transient());
-        assert!(lock_keys(&repo).is_empty(), "the refused lock left its object");
+        let take = |mode, cmd| RepoLock::acquire_objects(Arc::clone(&repo), mode, cmd, Duration::ZERO, QUICK);
+        let x = take(LockMode::Exclusive, "expire").unwrap();
+        for (mode, cmd) in [(LockMode::Exclusive, "expire"), (LockMode::Shared, "backup")] {
+            let e = take(mode, cmd).unwrap_err();
+            assert!(matches!(e, LockError::Busy { .. }) && e.to_string().contains("locked by expire (pid"), "{e}");
+        }
+        drop(x);
+        let (a, b) = (take(LockMode::Shared, "backup").unwrap(), take(LockMode::Shared, "backup").unwrap());
+        assert!(take(LockMode::Exclusive, "expire").unwrap_err().to_string().contains("locked by backup"));
+        drop((a, b));
+        assert!(lock_keys(&repo).is_empty());
+        race(&repo);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Racing holders: never an exclusive holder beside any other.
+    /// Two commands that find the same stale object both delete it: the
+    /// slower one's delete must not take the lock the faster one took next.
+    #[test]
+    fn a_late_break_of_a_stale_object_leaves_the_new_holder_alone() {
+        let (dir, repo) = arc_repo("objbreak");
+        let old = now_ms() - 45 * 60 * 1000;
+        let ghost = Holder {
+            command: "expire".into(),
+            exclusive: true,
+            pid: 7,
+            host: "elsewhere".into(),
+            since_ms: old,
+            refreshed_ms: old,
+            token: "t".into(),
+        };
+        // The shared key of earlier versions: the one such a race broke.
+        let ghost_key = legacy_exclusive_key(&repo);
+        repo.storage().put_new(&ghost_key, &serde_json::to_vec(&ghost).unwrap()).unwrap();
+        // The faster command breaks the stale object and takes the lock.
+        let a =
+            RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK).unwrap();
+        assert!(a.notes()[0].starts_with(&format!("removed stale lock object '{ghost_key}'")), "{:?}", a.notes());
+        // The slower one read the same stale object and deletes it now.
+        break_stale(&repo, &ghost_key, &ghost, QUICK, &mut Vec::new()).unwrap();
+        assert_eq!(lock_keys(&repo), [a.path().to_str().unwrap()], "the new holder's object is intact");
+        let e = RepoLock::acquire_objects(Arc::clone(&repo), LockMode::Exclusive, "expire", Duration::ZERO, QUICK)
+            .unwrap_err();
+        assert!(e.to_string().contains("locked by expire (pid"), "{e}");
+        drop(a);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Racing holders, with stale exclusive objects (the legacy key and a
+    /// current one) in the way at the start: never an exclusive holder
+    /// beside any other.
     #[test]
     fn racing_object_lock_holders_never_overlap() {
-        use std::sync::atomic::AtomicI64;
         let (dir, repo) = arc_repo("objrace");
+        race(&repo);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn race(repo: &Arc<Repository>) {
+        use std::sync::atomic::AtomicI64;
+        let old = now_ms() - 45 * 60 * 1000;
+        for key in [legacy_exclusive_key(repo), format!("{}exclusive-elsewhere-7-t", locks_prefix(repo))] {
+            let ghost = Holder {
+                command: "expire".into(),
+                exclusive: true,
+                pid: 7,
+                host: "elsewhere".into(),
+                since_ms: old,
+                refreshed_ms: old,
+                token: "t".into(),
+            };
+            repo.storage().put_new(&key, &serde_json::to_vec(&ghost).unwrap()).unwrap();
+        }
         // > 0: shared holders; -1: the exclusive one.
         let state = Arc::new(AtomicI64::new(0));
         let barrier = Arc::new(std::sync::Barrier::new(8));
         let handles: Vec<_> = (0..8)
             .map(|i| {
-                let (repo, state, barrier) = (Arc::clone(&repo), Arc::clone(&state), Arc::clone(&barrier));
+                let (repo, state, barrier) = (Arc::clone(repo), Arc::clone(&state), Arc::clone(&barrier));
                 std::thread::spawn(move || {
                     barrier.wait();
                     let mode = if i % 3 == 0 { LockMode::Exclusive } else { LockMode::Shared };
@@ -1336,7 +1321,6 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert!(lock_keys(&repo).is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(lock_keys(repo).is_empty());
     }
 }
