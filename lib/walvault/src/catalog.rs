@@ -670,16 +670,23 @@ impl Catalog {
         self.delete_names("DELETE FROM wal_gap WHERE name = ?1", names)
     }
 
+    /// Every dropped-WAL record, archived since or not, in name order (what
+    /// the repository's `gaps/` holds).
+    pub fn gap_records(&self) -> Result<Vec<DroppedWal>> {
+        self.query_gaps("")
+    }
+
     /// The dropped WAL files that the archive still lacks (one archived
     /// since, by `walvault repo sync` say, is no gap), in name order.
     pub fn dropped(&self) -> Result<Vec<DroppedWal>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT name, timeline, segno, dropped_at_ms, reason FROM wal_gap \
-                 WHERE name NOT IN (SELECT name FROM wal_file) ORDER BY name",
-            )
-            .map_err(|e| self.err(e))?;
+        self.query_gaps("WHERE name NOT IN (SELECT name FROM wal_file)")
+    }
+
+    /// The `wal_gap` rows `filter` (a WHERE clause or nothing) selects, in
+    /// name order.
+    fn query_gaps(&self, filter: &str) -> Result<Vec<DroppedWal>> {
+        let sql = format!("SELECT name, timeline, segno, dropped_at_ms, reason FROM wal_gap {filter} ORDER BY name");
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], dropped_row).map_err(|e| self.err(e))?;
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }

@@ -220,6 +220,9 @@ pub struct ExpirePreview {
     pub wal_files: u64,
     /// Their stored bytes.
     pub wal_bytes: u64,
+    /// Records of dropped WAL (queue-max) it would delete: every backup it
+    /// keeps started after the drop.
+    pub gap_records: Vec<String>,
     /// The plan's notes.
     pub notes: Vec<String>,
     /// Why expire would refuse to run, if it would.
@@ -246,6 +249,7 @@ pub fn preview(config: &Config, now_ms: i64) -> Result<Option<ExpirePreview>> {
         delete_backups: vec![],
         wal_files: 0,
         wal_bytes: 0,
+        gap_records: vec![],
         notes: vec![],
         refused: None,
     };
@@ -253,6 +257,8 @@ pub fn preview(config: &Config, now_ms: i64) -> Result<Option<ExpirePreview>> {
         Ok(plan) => {
             out.wal_files = plan.delete_wal.len() as u64;
             out.wal_bytes = plan.delete_wal.iter().filter_map(|d| sizes.get(&d.name)).sum();
+            let kept: Vec<String> = plan.keep.iter().map(|k| k.id.clone()).collect();
+            out.gap_records = obsolete_gap_records(catalog.gap_records()?, &kept, &catalog.backups()?);
             out.delete_backups = plan.delete_backups;
             out.notes = plan.notes;
         }
@@ -414,14 +420,7 @@ fn run(config: &Config, opts: &ExpireOptions, mut budget: Budget) -> Result<Expi
     // backup: a backup that started after a drop starts past it (as `info`
     // judges), so no recovery from any of them crosses the gap.
     if !marked_meanwhile {
-        let started: HashMap<String, i64> = catalog.backups()?.into_iter().map(|b| (b.id, b.start_time_ms)).collect();
-        let oldest = remaining.iter().filter_map(|id| started.get(id)).min().copied();
-        let obsolete: Vec<String> = match oldest {
-            Some(oldest) => {
-                repo.list_gaps()?.into_iter().filter(|g| g.dropped_at_ms < oldest).map(|g| g.name).collect()
-            }
-            None => vec![],
-        };
+        let obsolete = obsolete_gap_records(repo.list_gaps()?, &remaining, &catalog.backups()?);
         if !opts.dry_run && !obsolete.is_empty() {
             for name in &obsolete {
                 let key = repo.gap_key(name);
@@ -480,6 +479,22 @@ fn catalog_input(catalog: &Catalog, size: WalSegmentSize) -> Result<(RetentionIn
         }
     }
     Ok((RetentionInput { state, keep_forever, other_wal }, sizes))
+}
+
+/// The names of the dropped-WAL records that `remaining` backups make
+/// obsolete: dropped before the oldest of them started, so that no recovery
+/// from any of them crosses the gap (the rule `info` judges PITR by). None
+/// when no backup remains.
+fn obsolete_gap_records(
+    gaps: Vec<crate::catalog::DroppedWal>,
+    remaining: &[String],
+    backups: &[crate::catalog::BackupRecord],
+) -> Vec<String> {
+    let started: HashMap<&str, i64> = backups.iter().map(|b| (b.id.as_str(), b.start_time_ms)).collect();
+    let Some(oldest) = remaining.iter().filter_map(|id| started.get(id.as_str())).min().copied() else {
+        return vec![];
+    };
+    gaps.into_iter().filter(|g| g.dropped_at_ms < oldest).map(|g| g.name).collect()
 }
 
 /// Consecutive deletions with the same reason, as ranges.
@@ -753,6 +768,18 @@ mod tests {
         assert_eq!(t.repo.list_gaps().unwrap().len(), 2, "a dry run deletes no record");
         let text = dry.to_string();
         assert!(text.contains(&format!("dropped-WAL records: 1 would be deleted, older than every remaining backup (PITR from them never crosses the gap): '{}'", t.segment(20))), "{text}");
+        // info's preview of the next expire under the same policy names it.
+        let mut config = t.config.clone();
+        config.retention.keep_last = Some(2);
+        assert_eq!(preview(&config, t.now_ms).unwrap().unwrap().gap_records, [t.segment(20)]);
+        let info = crate::info::info(&config, t.now_ms).unwrap().to_string();
+        assert!(
+            info.contains(&format!(
+                "  and 1 dropped-WAL record(s), as every backup it keeps started after the drop: '{}'",
+                t.segment(20)
+            )),
+            "{info}"
+        );
 
         let report = expire(&t.config, &t.opts(2)).unwrap();
         assert_eq!(report.gap_records_deleted, [t.segment(20)]);

@@ -520,6 +520,14 @@ impl std::fmt::Display for Info {
                             p.wal_files,
                             human_bytes(p.wal_bytes)
                         )?;
+                        if !p.gap_records.is_empty() {
+                            writeln!(
+                                f,
+                                "  and {} dropped-WAL record(s), as every backup it keeps started after the drop: {}",
+                                p.gap_records.len(),
+                                name_runs(&p.gap_records).join(", ")
+                            )?;
+                        }
                     }
                 }
             }
