@@ -698,10 +698,9 @@ fn run(
     timeout: Duration,
 ) -> std::result::Result<CheckReport, CheckError> {
     let server = db.server_info().map_err(server_err)?;
-    let (wal_level, in_recovery) =
-        query(db, "reading wal_level", "SELECT current_setting('wal_level'), pg_is_in_recovery()", |r| {
-            Ok((r.try_get::<_, String>(0)?, r.try_get::<_, bool>(1)?))
-        })?;
+    let in_recovery = server.in_recovery;
+    let wal_level =
+        query(db, "reading wal_level", "SELECT current_setting('wal_level')", |r| r.try_get::<_, String>(0))?;
     let status = db.archiver().map_err(server_err)?;
 
     let identity = judge_identity(&server, cluster, &repo.location());

@@ -292,7 +292,9 @@ fn check_server(
             detail,
         });
     }
-    if server.archive_mode == "off" {
+    // A standby need not archive: its primary does, and the wait for the
+    // backup's WAL proves it reached this repository.
+    if server.archive_mode == "off" && !server.in_recovery {
         return Err(BackupError::ArchiveModeOff { target: target.into() });
     }
     Ok(())
@@ -476,7 +478,19 @@ pub(crate) fn archive_reason(s: &ArchiverStatus, missing: &str, repo: &str, clus
     }
 }
 
-/// Waits until every segment of `names` is in the repository.
+/// Why a standby's backup waits: the standby cannot switch WAL, so the
+/// segment holding the stop point reaches the archive when the primary
+/// completes it.
+fn standby_reason(missing: &str) -> String {
+    format!(
+        "the server is a standby, which cannot switch WAL: '{missing}' is archived once the primary completes \
+         that segment; run SELECT pg_switch_wal() on the primary (or set archive_timeout there), and check that \
+         the primary archives into this repository"
+    )
+}
+
+/// Waits until every segment of `names` is in the repository. `standby`:
+/// the server is one, and the primary archives them.
 fn wait_for_wal(
     repo: &Repository,
     db: &mut Session,
@@ -484,6 +498,7 @@ fn wait_for_wal(
     names: &[SegmentName],
     timeout: Duration,
     progress: bool,
+    standby: bool,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut next = 0;
@@ -502,9 +517,13 @@ fn wait_for_wal(
         let Some(missing) = names.get(next) else { return Ok(()) };
         let now = Instant::now();
         if now >= deadline {
-            let reason = match db.archiver() {
-                Ok(status) => archive_reason(&status, &missing.to_string(), &repo.location(), repo.cluster()),
-                Err(e) => format!("the archiver's state could not be read ({e})"),
+            let reason = if standby {
+                standby_reason(&missing.to_string())
+            } else {
+                match db.archiver() {
+                    Ok(status) => archive_reason(&status, &missing.to_string(), &repo.location(), repo.cluster()),
+                    Err(e) => format!("the archiver's state could not be read ({e})"),
+                }
             };
             return Err(BackupError::ArchiveTimeout {
                 id: id.into(),
@@ -516,7 +535,14 @@ fn wait_for_wal(
             .into());
         }
         if progress && !told {
-            eprintln!("waiting for WAL segment '{missing}' to be archived");
+            if standby {
+                eprintln!(
+                    "waiting for WAL segment '{missing}' to be archived (by the primary, once it completes the \
+                     segment: SELECT pg_switch_wal() there finishes the backup sooner)"
+                );
+            } else {
+                eprintln!("waiting for WAL segment '{missing}' to be archived");
+            }
             told = true;
         }
         std::thread::sleep(WAL_POLL.min(deadline - now));
@@ -656,7 +682,7 @@ pub fn backup(config: &Config, opts: &BackupOptions) -> Result<BackupReport> {
     let last = size.segment_of(Lsn(stop.lsn.0.saturating_sub(1))).max(first);
     let names: Vec<SegmentName> =
         (first.0..=last.0).map(|n| SegmentName::from_segno(tli, SegmentNo(n), size)).collect();
-    wait_for_wal(&repo, &mut db, &id, &names, opts.archive_timeout, opts.progress)?;
+    wait_for_wal(&repo, &mut db, &id, &names, opts.archive_timeout, opts.progress, server.in_recovery)?;
 
     fill_entries(&mut entries, results);
     let mut manifest = Manifest {
@@ -823,6 +849,7 @@ mod tests {
             system_id: 42,
             catalog_version: 202_209_061,
             archive_mode: "on".into(),
+            in_recovery: false,
             segment_size: 16 << 20,
         }
     }
@@ -843,6 +870,7 @@ mod tests {
         let e = check(ServerInfo { archive_mode: "off".into(), ..server() }).unwrap_err();
         assert!(e.to_string().contains("cannot be restored") && e.hint().unwrap().contains("archive_mode"), "{e}");
         check(ServerInfo { archive_mode: "always".into(), ..server() }).unwrap();
+        check(ServerInfo { archive_mode: "off".into(), in_recovery: true, ..server() }).unwrap();
     }
 
     #[test]

@@ -266,6 +266,9 @@ pub(crate) struct ServerInfo {
     pub archive_mode: String,
     /// `wal_segment_size` in bytes.
     pub segment_size: u64,
+    /// `pg_is_in_recovery()`: a standby, which cannot switch WAL; the
+    /// primary archives the segments its backups need.
+    pub in_recovery: bool,
 }
 
 impl ServerInfo {
@@ -357,7 +360,8 @@ impl Session {
             DURING,
             "SELECT current_setting('server_version_num')::int4, c.system_identifier, c.catalog_version_no, \
                     current_setting('archive_mode'), \
-                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size') \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+                    pg_is_in_recovery() \
              FROM pg_control_system() c",
             &[],
         )?;
@@ -367,6 +371,7 @@ impl Session {
         let catalog_version: i32 = row.try_get(2).map_err(get)?;
         let archive_mode: String = row.try_get(3).map_err(get)?;
         let segment_size: Option<i64> = row.try_get(4).map_err(get)?;
+        let in_recovery: bool = row.try_get(5).map_err(get)?;
         let info = ServerInfo {
             version_num: u32::try_from(version_num).unwrap_or(0),
             // system_identifier is a uint64 that PostgreSQL shows as int8:
@@ -375,6 +380,7 @@ impl Session {
             catalog_version: u32::try_from(catalog_version).unwrap_or(0),
             archive_mode,
             segment_size: segment_size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            in_recovery,
         };
         self.major = info.major();
         let mut settings = String::from(
