@@ -7,10 +7,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use walvault::catalog::Catalog;
 use walvault::config::S3Settings;
+use walvault::lock::{Lease, LockMode, RepoLock};
 use walvault::probe::{self, ConditionalCreateSetting};
 use walvault::repo::Repository;
 use walvault::storage::s3::S3Storage;
@@ -209,6 +211,20 @@ fn a_store_that_ignores_if_none_match_is_detected_and_never_overwrites() {
     s.set_conditional_create(ConditionalCreate::Trust);
     assert!(matches!(s.put_new("main/wal/x", b"second").unwrap(), PutOutcome::Created(_)));
     assert_eq!(s.get("main/wal/x").unwrap(), b"second", "trusting this store loses the first copy");
+
+    // The repository lock needs no conditional create (a key per holder):
+    // on this store an expire's lock still excludes a second one and a
+    // backup's.
+    let locked = Arc::new(open(&garage_like.endpoint()));
+    let take =
+        |mode, command| RepoLock::acquire_objects(Arc::clone(&locked), mode, command, Duration::ZERO, Lease::DEFAULT);
+    let expire = take(LockMode::Exclusive, "expire").expect("the exclusive lock on a store ignoring If-None-Match");
+    for (mode, command) in [(LockMode::Exclusive, "expire"), (LockMode::Shared, "backup")] {
+        let e = take(mode, command).expect_err("a second holder beside expire");
+        assert!(e.to_string().contains("is locked by expire (pid"), "{e}");
+    }
+    drop(expire);
+    assert!(locked.storage().list("main/locks/").unwrap().is_empty(), "released");
 
     // archive-push's choice: from the catalog (no request), or from the
     // bucket's record when the catalog has none (then cached).
