@@ -1232,13 +1232,11 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Two commands that find the same stale object both delete it: the
-    /// slower one's delete must not take the lock the faster one took next.
-    #[test]
-    fn a_late_break_of_a_stale_object_leaves_the_new_holder_alone() {
-        let (dir, repo) = arc_repo("objbreak");
+    /// An expire of another host that stopped refreshing its lock object
+    /// 45 minutes ago.
+    fn stale_expire() -> Holder {
         let old = now_ms() - 45 * 60 * 1000;
-        let ghost = Holder {
+        Holder {
             command: "expire".into(),
             exclusive: true,
             pid: 7,
@@ -1246,7 +1244,15 @@ mod tests {
             since_ms: old,
             refreshed_ms: old,
             token: "t".into(),
-        };
+        }
+    }
+
+    /// Two commands that find the same stale object both delete it: the
+    /// slower one's delete must not take the lock the faster one took next.
+    #[test]
+    fn a_late_break_of_a_stale_object_leaves_the_new_holder_alone() {
+        let (dir, repo) = arc_repo("objbreak");
+        let ghost = stale_expire();
         // The shared key of earlier versions: the one such a race broke.
         let ghost_key = legacy_exclusive_key(&repo);
         repo.storage().put_new(&ghost_key, &serde_json::to_vec(&ghost).unwrap()).unwrap();
@@ -1276,18 +1282,8 @@ mod tests {
 
     fn race(repo: &Arc<Repository>) {
         use std::sync::atomic::AtomicI64;
-        let old = now_ms() - 45 * 60 * 1000;
         for key in [legacy_exclusive_key(repo), format!("{}exclusive-elsewhere-7-t", locks_prefix(repo))] {
-            let ghost = Holder {
-                command: "expire".into(),
-                exclusive: true,
-                pid: 7,
-                host: "elsewhere".into(),
-                since_ms: old,
-                refreshed_ms: old,
-                token: "t".into(),
-            };
-            repo.storage().put_new(&key, &serde_json::to_vec(&ghost).unwrap()).unwrap();
+            repo.storage().put_new(&key, &serde_json::to_vec(&stale_expire()).unwrap()).unwrap();
         }
         // > 0: shared holders; -1: the exclusive one.
         let state = Arc::new(AtomicI64::new(0));
