@@ -725,12 +725,12 @@ fn try_objects(
     if let PutOutcome::Exists = repo.storage().put_new(key, &body).map_err(storage_err(repo, "create", key))? {
         return Ok(Try::Conflict(Vec::new()));
     }
-    let in_the_way = |repo: &Repository, notes: &mut Vec<String>| -> Result<Vec<Holder>, LockError> {
+    let in_the_way = |notes: &mut Vec<String>| -> Result<Vec<Holder>, LockError> {
         let prefix = locks_prefix(repo);
         let listing = repo.storage().list(&prefix).map_err(storage_err(repo, "list", &prefix))?;
         let mut live = Vec::new();
         for m in listing.iter().filter(|m| m.key != key) {
-            match key_kind(&m.key[prefix.len()..]) {
+            match m.key.strip_prefix(&prefix).and_then(key_kind) {
                 Some(exclusive) if exclusive || holder.exclusive => {}
                 _ => continue,
             }
@@ -743,7 +743,7 @@ fn try_objects(
         }
         Ok(live)
     };
-    let mut live = match in_the_way(repo, notes) {
+    let mut live = match in_the_way(notes) {
         Ok(live) => live,
         Err(e) => {
             let _ = repo.storage().delete(key);
