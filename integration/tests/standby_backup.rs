@@ -40,19 +40,21 @@ fn restored_checksum(td: &TestDir, wv: &Walvault, tag: &str, id: &str, immediate
     sum
 }
 
-fn primary_with_rows(td: &TestDir, wv: &Walvault) -> PgCluster {
-    let primary = archiving_primary(td, wv, "primary");
+/// A local repository and an archiving primary whose table `t` holds
+/// 20,000 rows.
+fn setup() -> (TestDir, Walvault, PgCluster) {
+    let td = TestDir::new();
+    let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
+    let wv = Walvault::new(&td, &config);
+    let primary = archiving_primary(&td, &wv, "primary");
     primary.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
     primary.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
-    primary
+    (td, wv, primary)
 }
 
 #[test]
 fn a_backup_of_an_archive_fed_standby_restores_what_the_standby_held() {
-    let td = TestDir::new();
-    let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
-    let wv = Walvault::new(&td, &config);
-    let mut primary = primary_with_rows(&td, &wv);
+    let (td, wv, mut primary) = setup();
     wv.backup(&primary, &["--fast"]).expect_success("backup of the primary");
 
     // A standby restored by walvault, replaying the archive.
@@ -87,10 +89,7 @@ fn a_backup_of_an_archive_fed_standby_restores_what_the_standby_held() {
 
 #[test]
 fn a_streaming_standby_backup_waits_for_the_primary_to_complete_its_segment() {
-    let td = TestDir::new();
-    let config = Config::new(td.join("repo"), td.join("catalog.db")).write(&td, "walvault.toml");
-    let wv = Walvault::new(&td, &config);
-    let mut primary = primary_with_rows(&td, &wv);
+    let (td, wv, mut primary) = setup();
 
     // A streaming standby that does not archive (archive_mode = off).
     let dir = td.join("standby");
